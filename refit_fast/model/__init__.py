@@ -1,0 +1,49 @@
+"""The model body on packed rows: varlen attention for HF causal LMs, hidden states only.
+
+    from refit_fast.model import prepare_model, packed_hidden_states, output_embedding
+    model = prepare_model(model, attn_backend="auto")        # flash-attn > torch varlen > SDPA mask
+    hidden = packed_hidden_states(model, input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, D]
+    weight, bias = output_embedding(model)                   # for weighted_ce; no logits built here
+"""
+from refit_fast.model.attention import (
+    ATTN_IMPLEMENTATION,
+    BACKENDS,
+    BackendUnavailableError,
+    PackedAttentionMeta,
+    available_backends,
+    block_causal_mask,
+    concat_cu_seqlens,
+    register_attention,
+    resolve_backend,
+    varlen_attention_forward,
+)
+from refit_fast.model.body import (
+    base_model,
+    load_model,
+    output_embedding,
+    packed_hidden_states,
+    prepare_model,
+    unprepare_model,
+)
+from refit_fast.model.build import build_model_from_config, tiny_config
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "PackedAttentionMeta",
+    "available_backends",
+    "base_model",
+    "block_causal_mask",
+    "build_model_from_config",
+    "concat_cu_seqlens",
+    "load_model",
+    "output_embedding",
+    "packed_hidden_states",
+    "prepare_model",
+    "register_attention",
+    "resolve_backend",
+    "tiny_config",
+    "unprepare_model",
+    "varlen_attention_forward",
+]

@@ -1,0 +1,430 @@
+"""Varlen (packed-row) attention for Hugging Face causal LMs.
+
+A packed row holds several conversations back to back; ``cu_seqlens`` (int32, ``[k+1]``) marks where each
+one starts. Every token may attend only to earlier tokens of its own conversation. This module registers
+one attention implementation, ``"refit_varlen"``, with transformers' ``AttentionInterface``; the model's
+attention layers call it with the packing metadata that :func:`refit_fast.model.packed_hidden_states`
+threads through the forward kwargs.
+
+Backends, chosen per forward by ``backend="auto"`` in this order:
+
+1. ``"flash"``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, flash-attn installed);
+2. ``"torch_varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.9);
+3. ``"sdpa"``: ``F.scaled_dot_product_attention`` with a block-diagonal causal boolean mask built from
+   ``cu_seqlens``. Works on every device and dtype, with backward. The mask is ``[B, 1, T, T]`` booleans,
+   i.e. O(T^2) memory: fine for CPU rows of a few thousand tokens, wasteful for 32k-token GPU rows (which
+   use 1. or 2.). It is built once per forward and shared by all layers (and by the recomputation under
+   gradient checkpointing), never once per layer.
+
+``flex_attention`` is not used: on CPU it has no backward (see ENV-NOTES), and on GPU the varlen
+kernels above are faster and need no mask.
+
+Batches: the usual call is one row, ``[1, T]``. ``B`` rows of equal length ``T`` also work: give
+``cu_seqlens`` over the flattened ``B*T`` tokens (the flash-attn convention), with every row boundary
+``b*T`` among its entries. :func:`concat_cu_seqlens` builds that from per-row ``cu_seqlens``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "refit_varlen"
+BACKENDS = ("auto", "flash", "torch_varlen", "sdpa")
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "PackedAttentionMeta",
+    "available_backends",
+    "block_causal_mask",
+    "concat_cu_seqlens",
+    "register_attention",
+    "resolve_backend",
+    "varlen_attention_forward",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced attention backend cannot run here (not installed, wrong device, or wrong dtype)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend discovery
+# ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _flash_varlen_func():
+    """flash-attn's varlen kernel, or None. Import is lazy: flash-attn is an optional CUDA-only extra."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+    except Exception:  # ImportError, or a broken CUDA build raising at import
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_func():
+    """(torch's varlen_attn, its parameter names), or None when this torch has none (< 2.9)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    # The signature moved between releases (2.9/2.10: is_causal; 2.11: scale, window_size;
+    # 2.12+: enable_gqa), so calls adapt to the parameters actually present.
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    """Concrete backends that can run for tensors on ``device`` with ``dtype``, best first.
+
+    Example:
+        >>> available_backends("cpu")
+        ['sdpa']
+    """
+    device = torch.device(device)
+    out = []
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and _flash_varlen_func() is not None:
+        out.append("flash")
+    if device.type == "cuda" and half and _torch_varlen_func() is not None:
+        out.append("torch_varlen")
+    out.append("sdpa")
+    return out
+
+
+def _why_unavailable(backend: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    if backend == "sdpa":
+        return None
+    if backend == "flash" and _flash_varlen_func() is None:
+        return "flash-attn is not installed (pip install 'refit-fast[flash]'; needs CUDA)"
+    if backend == "torch_varlen" and _torch_varlen_func() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.9)"
+    if device.type != "cuda":
+        return f"it has no kernel for device {device.type!r} (CUDA only); use backend='sdpa' or 'auto'"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"its kernels take fp16/bf16, got {dtype}; use backend='sdpa' or 'auto' for fp32"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """Turn ``"auto"`` into a concrete backend, or check that a forced one can run.
+
+    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` (with the reason)
+    when a forced backend cannot run on ``device``/``dtype``.
+
+    Example:
+        >>> resolve_backend("auto", "cpu")
+        'sdpa'
+        >>> resolve_backend("flash", "cpu")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        refit_fast.model.attention.BackendUnavailableError: attention backend 'flash' is unavailable: ...
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    device = torch.device(device)
+    if backend == "auto":
+        return available_backends(device, dtype if dtype is not None else torch.float32)[0]
+    why = _why_unavailable(backend, device, dtype)
+    if why is not None:
+        raise BackendUnavailableError(f"attention backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing metadata and the block-diagonal mask
+# ----------------------------------------------------------------------------------------------------
+def concat_cu_seqlens(rows: list[torch.Tensor], seqlen: int) -> torch.Tensor:
+    """Join per-row ``cu_seqlens`` of ``B`` rows (each spanning ``seqlen`` tokens) into one over ``B*seqlen``.
+
+    Example:
+        >>> concat_cu_seqlens([torch.tensor([0, 3, 5]), torch.tensor([0, 5])], 5).tolist()
+        [0, 3, 5, 10]
+    """
+    parts = [rows[0].to(torch.int32)]
+    for b, cu in enumerate(rows[1:], start=1):
+        parts.append(cu[1:].to(torch.int32) + b * seqlen)
+    return torch.cat(parts)
+
+
+def block_causal_mask(
+    cu_seqlens: torch.Tensor, batch: int, seqlen: int, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Boolean ``[batch, 1, seqlen, seqlen]`` mask, True where query i may attend to key j.
+
+    ``j <= i`` and both in the same segment of ``cu_seqlens`` (offsets over the flattened ``batch*seqlen``
+    tokens); with ``sliding_window`` w also ``i - j < w`` (transformers' convention). O(seqlen^2) memory.
+
+    Example:
+        >>> block_causal_mask(torch.tensor([0, 2, 3]), 1, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    device = cu_seqlens.device
+    pos = torch.arange(batch * seqlen, device=device, dtype=cu_seqlens.dtype)
+    # Segment index of each token: how many segment starts (after the first) are <= its position.
+    seg = torch.bucketize(pos, cu_seqlens[1:-1], right=True).view(batch, seqlen)
+    idx = torch.arange(seqlen, device=device)
+    allowed = idx[None, :] <= idx[:, None]
+    if sliding_window is not None:
+        allowed = allowed & (idx[:, None] - idx[None, :] < sliding_window)
+    mask = (seg[:, :, None] == seg[:, None, :]) & allowed
+    return mask.unsqueeze(1)
+
+
+@dataclass
+class PackedAttentionMeta:
+    """Packing metadata for one forward, passed to every attention layer as the ``refit_packed`` kwarg.
+
+    ``cu_seqlens`` int32 ``[k+1]`` over the flattened ``batch*seqlen`` tokens (on the model's device),
+    ``max_seqlen`` the longest segment, ``backend`` a concrete backend name. SDPA masks are built lazily,
+    once per sliding-window size, and cached here, so all layers (and checkpoint recomputation) share them.
+
+    Example:
+        >>> meta = PackedAttentionMeta.build(torch.tensor([0, 4, 7]), 4, batch=1, seqlen=7, backend="sdpa")
+        >>> meta.mask().shape
+        torch.Size([1, 1, 7, 7])
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    batch: int
+    seqlen: int
+    backend: str
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
+        *,
+        batch: int,
+        seqlen: int,
+        backend: str = "sdpa",
+        device: torch.device | str | None = None,
+        validate: bool = True,
+    ) -> "PackedAttentionMeta":
+        """Check ``cu_seqlens`` against the row shape and move it to ``device`` as int32.
+
+        Validation reads ``cu_seqlens`` on the host (one small sync); pass ``validate=False`` to skip it.
+
+        Example:
+            >>> PackedAttentionMeta.build(torch.tensor([0, 2, 5]), None, batch=1, seqlen=5).max_seqlen
+            3
+        """
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+            raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+        total = batch * seqlen
+        if validate or max_seqlen is None:
+            cu = cu_seqlens.tolist()
+            lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+            if validate:
+                if cu[0] != 0 or cu[-1] != total:
+                    raise ValueError(
+                        f"cu_seqlens must start at 0 and end at the number of tokens {total} "
+                        f"({batch} row(s) x {seqlen}), got {cu[0]} .. {cu[-1]}"
+                    )
+                if min(lengths) < 0:
+                    raise ValueError("cu_seqlens must be non-decreasing")
+                missing = set(range(seqlen, total, seqlen)) - set(cu)
+                if missing:
+                    raise ValueError(
+                        f"with {batch} rows every row boundary must be in cu_seqlens; missing {sorted(missing)}"
+                    )
+            longest = max(lengths)
+            if max_seqlen is None:
+                max_seqlen = longest
+            elif validate and int(max_seqlen) < longest:
+                raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest segment ({longest})")
+        device = cu_seqlens.device if device is None else torch.device(device)
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        return cls(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), batch=batch, seqlen=seqlen, backend=backend)
+
+    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """The cached block-diagonal causal mask (see :func:`block_causal_mask`).
+
+        Example:
+            >>> m = PackedAttentionMeta.build(torch.tensor([0, 3]), 3, batch=1, seqlen=3)
+            >>> m.mask() is m.mask()
+            True
+        """
+        key = sliding_window
+        if key not in self._masks:
+            self._masks[key] = block_causal_mask(self.cu_seqlens, self.batch, self.seqlen, sliding_window)
+        return self._masks[key]
+
+
+# One-entry cache for callers that pass raw ``cu_seqlens``/``max_seqlen`` kwargs instead of a meta object:
+# all layers of one forward see the same tensor object, so keying on its identity builds the mask once.
+_RAW_CACHE: dict = {"ref": None, "version": None, "key": None, "meta": None}
+
+
+def _meta_from_raw(cu_seqlens, max_seqlen, batch, seqlen, backend, device) -> PackedAttentionMeta:
+    c = _RAW_CACHE
+    key = (batch, seqlen, backend, str(device), max_seqlen)
+    ref = c["ref"]() if c["ref"] is not None else None
+    if ref is cu_seqlens and c["version"] == cu_seqlens._version and c["key"] == key:
+        return c["meta"]
+    meta = PackedAttentionMeta.build(cu_seqlens, max_seqlen, batch=batch, seqlen=seqlen, backend=backend, device=device)
+    c.update(ref=weakref.ref(cu_seqlens), version=cu_seqlens._version, key=key, meta=meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+def _sdpa(query, key, value, meta: PackedAttentionMeta, scaling, dropout, sliding_window):
+    mask = meta.mask(sliding_window)
+    hq, hkv = query.shape[1], key.shape[1]
+    kwargs = {}
+    if hq != hkv:
+        if query.device.type == "cpu":
+            kwargs["enable_gqa"] = True  # CPU kernels take GQA with a mask; saves repeating k/v
+        else:
+            # Some CUDA SDPA kernels reject enable_gqa together with an explicit mask: repeat k/v instead.
+            key = key.repeat_interleave(hq // hkv, dim=1)
+            value = value.repeat_interleave(hq // hkv, dim=1)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, **kwargs
+    )
+    return out.transpose(1, 2)  # [B, T, H, D], the layout HF's attention modules expect
+
+
+def _to_tokens(x):
+    """[B, H, T, D] -> [B*T, H, D] (the varlen kernels' layout)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b * t, h, d)
+
+
+def _flash(query, key, value, meta, scaling, dropout, sliding_window, softcap):
+    fn = _flash_varlen_func()
+    b, h, t, d = query.shape
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    extra = {} if softcap is None else {"softcap": softcap}  # flash-attn < 2.6 has no softcap argument
+    out = fn(
+        _to_tokens(query), _to_tokens(key), _to_tokens(value),
+        meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+        dropout_p=dropout, softmax_scale=scaling, causal=True, window_size=window, **extra,
+    )
+    return out.view(b, t, h, d)
+
+
+def _torch_varlen(query, key, value, meta, scaling, dropout, sliding_window):
+    if dropout:
+        raise NotImplementedError("torch_varlen has no attention dropout; use backend='flash' or 'sdpa'")
+    fn, params = _torch_varlen_func()
+    b, h, t, d = query.shape
+    hkv = key.shape[1]
+    kwargs = {}
+    if "window_size" in params:  # torch >= 2.11: causality is a (left, right=0) window
+        kwargs["window_size"] = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    else:
+        if sliding_window is not None:
+            raise NotImplementedError(f"torch {torch.__version__} varlen_attn has no sliding window")
+        kwargs["is_causal"] = True
+    if scaling is not None and "scale" in params:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - d**-0.5) > 1e-12:
+        query = query * (scaling / d**-0.5)  # old torch: fold a non-default scale into q
+    if h != hkv:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            key = key.repeat_interleave(h // hkv, dim=1)
+            value = value.repeat_interleave(h // hkv, dim=1)
+    out = fn(
+        _to_tokens(query), _to_tokens(key), _to_tokens(value),
+        meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kwargs,
+    )
+    return out.view(b, t, h, d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The AttentionInterface entry point
+# ----------------------------------------------------------------------------------------------------
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    refit_packed: PackedAttentionMeta | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    refit_backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over packed rows, in transformers' attention-function signature.
+
+    ``query`` ``[B, H, T, D]``, ``key``/``value`` ``[B, H_kv, T, D]`` (GQA when ``H_kv < H``); returns
+    ``([B, T, H, D], None)``. Packing comes from ``refit_packed`` (a :class:`PackedAttentionMeta`), or from
+    raw ``cu_seqlens`` + ``max_seqlen`` (+ optional ``refit_backend``) kwargs. Without either (e.g. a
+    single unpadded sequence in generation) it defers to transformers' plain ``"sdpa"`` function.
+
+    Example (what a model layer does; normally reached through ``model.model(..., refit_packed=meta)``):
+        >>> q = k = v = torch.randn(1, 2, 5, 8)
+        >>> out, _ = varlen_attention_forward(None, q, k, v, None, cu_seqlens=torch.tensor([0, 2, 5]))
+        >>> out.shape
+        torch.Size([1, 5, 2, 8])
+    """
+    b, _, t, _ = query.shape
+    if refit_packed is None and cu_seqlens is None:
+        # Not a packed call: HF's sdpa function handles causality, masks and cached decoding itself.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if key.shape[2] != t:
+        raise ValueError("refit_varlen attention is for training/scoring packed rows: no KV cache (use_cache=False)")
+    meta = refit_packed
+    if meta is None:
+        meta = _meta_from_raw(cu_seqlens, max_seqlen, b, t, refit_backend, query.device)
+    if meta.batch != b or meta.seqlen != t:
+        raise ValueError(f"packing metadata is for [{meta.batch}, {meta.seqlen}] but attention got [{b}, {t}]")
+    backend = meta.backend
+    if backend == "auto":
+        backend = resolve_backend(backend, query.device, query.dtype)
+    elif backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    else:
+        # A forced backend may meet a device/dtype it cannot run (e.g. the model moved); say why.
+        why = _why_unavailable(backend, query.device, query.dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"attention backend {backend!r} is unavailable: {why}")
+    if softcap is not None and backend != "flash":
+        raise NotImplementedError(f"attention softcap is only supported by backend 'flash', not {backend!r}")
+    if backend == "flash":
+        out = _flash(query, key, value, meta, scaling, dropout, sliding_window, softcap)
+    elif backend == "torch_varlen":
+        out = _torch_varlen(query, key, value, meta, scaling, dropout, sliding_window)
+    else:
+        out = _sdpa(query, key, value, meta, scaling, dropout, sliding_window)
+    return out, None
+
+
+def register_attention() -> str:
+    """Register :func:`varlen_attention_forward` as ``"refit_varlen"`` with transformers (idempotent).
+
+    No mask function is registered on purpose: transformers then builds no attention mask at all for
+    this implementation (it would be an O(T^2) tensor per forward that we would ignore).
+
+    Example:
+        >>> register_attention()
+        'refit_varlen'
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
+    return ATTN_IMPLEMENTATION
