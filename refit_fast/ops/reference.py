@@ -1,0 +1,76 @@
+"""The naive, materializing implementation of weighted_ce: the ground truth for the tests and the
+"naive PyTorch" baseline of the benchmarks.
+
+It builds the full [N, V] logits and lets autograd do the rest, so it shares no code with the
+chunked implementations it checks. Pass float64 tensors to get the float64 truth.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def weighted_ce_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    standardize: bool = False,
+    eps: float = 1e-6,
+    reward_stats=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalize: str = "sequence",
+) -> torch.Tensor:
+    """Same contract as :func:`refit_fast.weighted_ce`, without validation, materializing the logits.
+
+    Example::
+
+        >>> h, W = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
+        >>> y = torch.tensor([1, 2, -100, 3, 4, 5])
+        >>> weighted_ce_reference(h, W, y, torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1.0, 0.5]))
+    """
+    D = hidden.shape[-1]
+    if seq_ids is None:
+        if hidden.dim() == 3:  # [B, T, D]: each row is a conversation
+            seq_ids = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand(hidden.shape[:2])
+        else:
+            seq_ids = torch.zeros(labels.shape, dtype=torch.long, device=hidden.device)
+    h = hidden.reshape(-1, D)
+    y = labels.reshape(-1)
+    sid = seq_ids.reshape(-1)
+
+    logits = h @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    # upcast like a careful user would: the softmax in at least fp32
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = y != ignore_index
+    nll = -logp.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+
+    if rewards is None:
+        w = torch.ones_like(nll)
+    else:
+        r = torch.as_tensor(rewards, device=hidden.device).to(nll.dtype).reshape(-1)
+        if standardize:
+            if reward_stats is not None:
+                mean, std = (torch.as_tensor(v, dtype=nll.dtype, device=hidden.device) for v in reward_stats)
+            else:
+                mean, std = r.mean(), r.std(unbiased=False)
+            r = (r - mean) / (std + eps)
+        w = torch.where(valid, r[torch.where(valid, sid, 0)], torch.zeros_like(nll))
+    per_token = w * nll
+
+    if reduction == "none":
+        return per_token.reshape(labels.shape)
+    total = per_token.sum()
+    if reduction == "sum" or normalize == "none":
+        return total
+    if normalize == "token":
+        return total / valid.sum().clamp_min(1)
+    n_conv = torch.unique(sid[valid]).numel()
+    return total / max(n_conv, 1)

@@ -1,0 +1,41 @@
+"""Peak-allocation tracking on any device, by allocator-level hooks on tensor storages.
+
+A TorchDispatchMode sees every tensor an op returns; each new storage adds its bytes to the live
+total, and a finalizer on the storage takes them off when it is freed. Tensors that existed before
+the `with` block (the inputs) are not counted, so `peak` is the extra memory of the code inside.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class PeakMemory(TorchDispatchMode):
+    """with PeakMemory() as m: ...;  m.peak is the most bytes alive at once, m.live at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key in self._seen or st.nbytes() == 0:
+                    continue
+                self._seen.add(key)
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, st.nbytes())
+        return out
