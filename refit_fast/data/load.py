@@ -1,0 +1,285 @@
+"""Read logged conversations (JSONL files or a `datasets.Dataset`) and validate every row.
+
+One row is one conversation with one scalar reward:
+
+    {"id": "c1", "messages": [{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "hello", "train": false},
+                              {"role": "user", "content": "bye"},
+                              {"role": "assistant", "content": "see you"}], "reward": 0.7}
+
+or an already tokenized row: `{"input_ids": [...], "loss_mask": [0, 0, 1, ...], "reward": 0.7}`.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from numbers import Real
+
+import numpy as np
+
+from refit_fast.data.report import ValidationReport
+
+DEFAULT_ROLES = ("system", "user", "assistant")
+TRAINED_ROLE = "assistant"
+
+
+@dataclass(slots=True)
+class Conversation:
+    """One validated row, before tokenization.
+
+    `messages` are the dicts the chat template sees (the `train` flag removed; other keys kept);
+    `train[k]` is False for an assistant message logged with `"train": false`. Pre-tokenized rows
+    have `messages=None` and carry `input_ids` / `loss_mask` instead. `location` is where the row
+    came from (`file.jsonl:12` or `dataset[11]`), for error messages.
+    """
+
+    id: str
+    messages: list[dict] | None
+    reward: float
+    prompt_key: str
+    train: tuple[bool, ...] = ()
+    input_ids: np.ndarray | None = None
+    loss_mask: np.ndarray | None = None
+    location: str = ""
+
+    @property
+    def is_tokenized(self) -> bool:
+        return self.messages is None
+
+
+def prompt_key_of_messages(messages: list[dict]) -> str:
+    """Stable key of the prompt: a hash of the messages before the first assistant turn.
+
+    Conversations with the same key share their prompt (what the DPO baseline pairs on).
+
+    Example:
+        >>> a = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]
+        >>> b = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y"}]
+        >>> prompt_key_of_messages(a) == prompt_key_of_messages(b)
+        True
+    """
+    prefix = []
+    for m in messages:
+        if m.get("role") == TRAINED_ROLE:
+            break
+        prefix.append(m)
+    blob = json.dumps(prefix, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+def prompt_key_of_tokens(input_ids: np.ndarray, loss_mask: np.ndarray) -> str:
+    """Prompt key of a pre-tokenized row: a hash of the tokens before the first trained token.
+
+    Example:
+        >>> ids, mask = np.array([1, 5, 6, 7]), np.array([0, 0, 1, 1])
+        >>> prompt_key_of_tokens(ids, mask) == prompt_key_of_tokens(ids, np.array([0, 0, 0, 1]))
+        False
+    """
+    first = int(np.argmax(loss_mask)) if loss_mask.any() else len(loss_mask)
+    return "t" + hashlib.blake2b(np.ascontiguousarray(input_ids[:first], dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+
+
+def load_conversations(
+    source,
+    *,
+    messages_key: str = "messages",
+    reward_key: str = "reward",
+    id_key: str = "id",
+    roles: Iterable[str] = DEFAULT_ROLES,
+    strict: bool = False,
+    report: ValidationReport | None = None,
+) -> tuple[list[Conversation], ValidationReport]:
+    """Read and validate conversations; return the good ones and a report of the rest.
+
+    `source`: a path (`.jsonl`, or `.jsonl.gz`), a list of paths, or rows already in memory (a
+    `datasets.Dataset` or any iterable of dicts; `datasets` itself is never imported). Keys are
+    configurable (`messages_key`, `reward_key`, `id_key`); roles outside `roles` are errors. Rows
+    without an id get `file.jsonl:LINE` (or `dataset[i]`). Blank lines are not rows. In the default
+    mode bad rows are skipped and counted in the report; `strict=True` raises `DataError` (a
+    `ValueError` whose message starts with `file:line`) at the first bad row.
+
+    Example:
+        >>> convs, report = load_conversations("logs.jsonl", reward_key="score")  # doctest: +SKIP
+        >>> print(report.summary())  # doctest: +SKIP
+        1000 rows: 998 kept, 2 skipped
+          malformed_json: 1  (line is not valid JSON) e.g. logs.jsonl:17: Expecting ',' delimiter ...
+          no_assistant_turn: 1  (no assistant message) e.g. logs.jsonl:230: ...
+    """
+    report = report if report is not None else ValidationReport(strict=strict)
+    report.strict = strict
+    roles = frozenset(roles)
+    out: list[Conversation] = []
+    seen_ids: set[str] = set()
+    for location, default_id, row in _rows(source, report):
+        conv = _parse_row(row, location, default_id, report, messages_key, reward_key, id_key, roles)
+        if conv is None:
+            continue
+        if conv.id in seen_ids:
+            report.warn("duplicate_id", location, f"id {conv.id!r} appeared before")
+        seen_ids.add(conv.id)
+        out.append(conv)
+    return out, report
+
+
+def _rows(source, report: ValidationReport) -> Iterator[tuple[str, str, object]]:
+    """Yield (location, default id, parsed row); malformed JSON lines are reported here."""
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    elif isinstance(source, Mapping) and source and all(hasattr(v, "column_names") for v in source.values()):
+        raise TypeError(f"got a DatasetDict with splits {list(source)}; pass one split, e.g. ds['train']")
+    elif not isinstance(source, Iterable):
+        raise TypeError(f"source must be a path, a list of paths or an iterable of rows, got {type(source).__name__}")
+    items = source if isinstance(source, (list, tuple)) else None
+    if items is not None and items and all(isinstance(p, (str, os.PathLike)) for p in items):
+        for path in items:
+            yield from _jsonl_rows(os.fspath(path), report)
+        return
+    # In-memory rows (a datasets.Dataset iterates as dicts).
+    for i, row in enumerate(source):
+        report.total += 1
+        yield f"dataset[{i}]", f"row{i}", row
+
+
+def _jsonl_rows(path: str, report: ValidationReport) -> Iterator[tuple[str, str, object]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    name = os.path.basename(path)
+    # Binary lines: a line with bad UTF-8 is one malformed row, not a crash of the whole read.
+    with opener(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            report.total += 1
+            location = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.problem("malformed_json", location, f"malformed JSON at column {e.colno}: {e.msg}")
+                continue
+            except ValueError as e:  # bad UTF-8
+                report.problem("malformed_json", location, f"malformed JSON: {e}")
+                continue
+            yield location, f"{name}:{lineno}", row
+
+
+def _parse_row(row, location, default_id, report, messages_key, reward_key, id_key, roles) -> Conversation | None:
+    if not isinstance(row, Mapping):
+        report.problem("not_an_object", location, f"expected a JSON object, got {type(row).__name__}")
+        return None
+    cid = row.get(id_key)
+    if cid is None:
+        cid = default_id
+    elif isinstance(cid, (str, int)) and not isinstance(cid, bool):
+        cid = str(cid)
+    else:
+        report.problem("bad_id", location, f"{id_key!r} must be a string or integer, got {type(cid).__name__}")
+        return None
+
+    if messages_key not in row and "input_ids" in row:
+        parsed = _parse_tokens(row, location, report)
+        if parsed is None:
+            return None
+        reward = _parse_reward(row, location, report, reward_key)
+        if reward is None:
+            return None
+        ids, mask = parsed
+        return Conversation(cid, None, reward, prompt_key_of_tokens(ids, mask), (), ids, mask, location)
+
+    parsed = _parse_messages(row, location, report, messages_key, roles)
+    if parsed is None:
+        return None
+    messages, train = parsed
+    reward = _parse_reward(row, location, report, reward_key)
+    if reward is None:
+        return None
+    return Conversation(cid, messages, reward, prompt_key_of_messages(messages), train, None, None, location)
+
+
+def _parse_messages(row, location, report, key, roles):
+    if key not in row:
+        have = ", ".join(map(repr, list(row)[:8]))
+        report.problem("missing_messages", location, f"no {key!r} key (row has {have}); set messages_key?")
+        return None
+    raw = row[key]
+    if not isinstance(raw, (list, tuple)):
+        report.problem("bad_messages", location, f"{key!r} must be a list, got {type(raw).__name__}")
+        return None
+    if not raw:
+        report.problem("empty_conversation", location, f"{key!r} is empty")
+        return None
+    messages, train, any_assistant = [], [], False
+    for k, m in enumerate(raw):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            report.problem("bad_messages", location, f"message {k} must be an object with string 'role' and 'content', got {_short(m)}")
+            return None
+        role = m["role"]
+        if role not in roles:
+            report.problem("unknown_role", location, f"message {k} has role {role!r}; allowed: {sorted(roles)}")
+            return None
+        flag = m.get("train", True)
+        if not isinstance(flag, bool):
+            report.problem("bad_train_flag", location, f"message {k}: 'train' must be true or false, got {flag!r}")
+            return None
+        any_assistant |= role == TRAINED_ROLE
+        train.append(flag and role == TRAINED_ROLE)
+        messages.append({k2: v for k2, v in m.items() if k2 != "train"} if "train" in m else dict(m))
+    if not any_assistant:
+        report.problem("no_assistant_turn", location, f"no {TRAINED_ROLE!r} message among {len(messages)}")
+        return None
+    if not any(train):
+        report.problem("no_trained_turn", location, "every assistant message has train: false, nothing to learn")
+        return None
+    return messages, tuple(train)
+
+
+def _parse_reward(row, location, report, key) -> float | None:
+    r = row.get(key)
+    if r is None:
+        report.problem("missing_reward", location, f"no {key!r} (one float per conversation); set reward_key?")
+        return None
+    if isinstance(r, bool) or not isinstance(r, Real):
+        report.problem("bad_reward", location, f"{key!r} must be a number, got {type(r).__name__} {_short(r)}")
+        return None
+    r = float(r)
+    if not math.isfinite(r):
+        report.problem("non_finite_reward", location, f"{key!r} is {r}")
+        return None
+    return r
+
+
+def _parse_tokens(row, location, report):
+    ids, mask = row.get("input_ids"), row.get("loss_mask")
+    if mask is None:
+        report.problem("bad_tokens", location, "a pre-tokenized row needs both 'input_ids' and 'loss_mask'")
+        return None
+    try:
+        ids_a = np.asarray(ids)
+        mask_a = np.asarray(mask)
+    except (ValueError, TypeError) as e:
+        report.problem("bad_tokens", location, f"input_ids/loss_mask are not flat integer lists: {e}")
+        return None
+    if ids_a.ndim != 1 or mask_a.ndim != 1 or ids_a.dtype.kind not in "iu" or mask_a.dtype.kind not in "iub":
+        report.problem("bad_tokens", location, "input_ids and loss_mask must be flat lists of integers")
+        return None
+    if len(ids_a) != len(mask_a):
+        report.problem("bad_tokens", location, f"len(input_ids)={len(ids_a)} != len(loss_mask)={len(mask_a)}")
+        return None
+    if len(ids_a) == 0:
+        report.problem("empty_conversation", location, "input_ids is empty")
+        return None
+    if ids_a.min() < 0:
+        report.problem("bad_tokens", location, f"negative token id {int(ids_a.min())}")
+        return None
+    if not np.isin(mask_a, (0, 1)).all():
+        report.problem("bad_tokens", location, "loss_mask values must be 0 or 1")
+        return None
+    return ids_a.astype(np.int64), mask_a.astype(np.uint8)
+
+
+def _short(x, n: int = 60) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."

@@ -1,0 +1,400 @@
+"""Chat-template tokenization into `(input_ids, loss_mask)` with verified assistant-turn spans.
+
+Most stock chat templates have no `{% generation %}` markers, so spans come from prefixes: for an
+assistant message k, the tokens of `messages[:k]` rendered with the generation prompt end where
+turn k's content starts, and the tokens of `messages[:k+1]` end where the turn (content and
+end-of-turn tokens) ends. Both must be token prefixes of the whole conversation's tokens; a template
+that breaks this (e.g. one that rewrites earlier turns) gets the conversation reported as
+`template_mismatch`, never a guessed mask.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from refit_fast.data.load import Conversation, load_conversations
+from refit_fast.data.report import ValidationReport
+from refit_fast.data.tokenizer import build_word_tokenizer  # noqa: F401  (the doctests use it)
+
+
+@dataclass(slots=True)
+class TokenizedConversation:
+    """One conversation ready for the packer.
+
+    `input_ids` int64 [T]; `loss_mask` uint8 [T], 1 where token j is a target (the packer shifts:
+    the label of position j-1 is `input_ids[j]` when `loss_mask[j] == 1`); `loss_mask[0]` is always 0.
+    `prompt_key` is equal for conversations with the same prompt (messages before the first assistant turn).
+    """
+
+    id: str
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    reward: float
+    prompt_key: str
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def tokenize_conversations(
+    conversations: Iterable[Conversation],
+    tokenizer,
+    *,
+    max_tokens: int | None = None,
+    overflow: str = "skip",
+    strict: bool = False,
+    progress: bool = True,
+    batch_size: int = 256,
+    chat_template: str | None = None,
+    exact_prefix: bool = False,
+    report: ValidationReport | None = None,
+) -> tuple[list[TokenizedConversation], ValidationReport]:
+    """Tokenize conversations with the tokenizer's chat template; mask exactly the trained assistant turns.
+
+    The mask covers each assistant turn whose message was not logged `"train": false`: its content
+    and everything the template emits after it up to the next turn (the end-of-turn token), but not
+    its role header / generation prompt. Rows that cannot be masked safely are reported (or raise
+    `DataError` when `strict`): `template_error`, `template_mismatch`, `empty_mask`, and `too_long`
+    when longer than `max_tokens` with `overflow="skip"`; `overflow="truncate"` keeps the first
+    `max_tokens` tokens instead (a `truncated` warning). Pre-tokenized rows pass through, checked
+    against the vocabulary. `progress` shows a tqdm bar. Rendering and tokenizing go in batches
+    of `batch_size` conversations (the fast tokenizer encodes a batch in one call).
+
+    Turn boundaries come from rendered prefixes and must satisfy the prefix property. With a fast
+    tokenizer a boundary is settled from the conversation's token offsets when the prefix is a
+    character prefix ending exactly at a token end (the common case, one tokenization per
+    conversation); any other boundary, and every boundary with `exact_prefix=True`, is checked by
+    tokenizing the prefix and comparing it token by token with the conversation's first tokens.
+
+    Example:
+        >>> tok = build_word_tokenizer(["hi hello"])
+        >>> conv, _ = load_conversations([{"messages": [{"role": "user", "content": "hi"},
+        ...     {"role": "assistant", "content": "hello"}], "reward": 1.0}])
+        >>> [t], report = tokenize_conversations(conv, tok, progress=False)
+        >>> tok.convert_ids_to_tokens(t.input_ids[t.loss_mask == 1])
+        ['hello', '<|end|>']
+    """
+    if overflow not in ("skip", "truncate"):
+        raise ValueError(f"overflow must be 'skip' or 'truncate', got {overflow!r}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    conversations = list(conversations)
+    if report is None:
+        report = ValidationReport(strict=strict)
+        report.total = len(conversations)
+    report.strict = strict
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if any(not c.is_tokenized for c in conversations) and not template:
+        raise ValueError("the tokenizer has no chat_template; pass chat_template=... (a Jinja string)")
+    vocab = len(tokenizer)
+    enc = _ChatEncoder(tokenizer, template)
+
+    from tqdm.auto import tqdm
+
+    out: list[TokenizedConversation] = []
+    with tqdm(total=len(conversations), disable=not progress, unit="conv", desc="tokenizing", mininterval=0.5) as bar:
+        for lo in range(0, len(conversations), batch_size):
+            chunk = conversations[lo : lo + batch_size]
+            pairs = _tokenize_chunk(chunk, enc, report, exact_prefix)
+            for conv, pair in zip(chunk, pairs):
+                if pair is None:
+                    continue
+                t = _finish(conv, *pair, vocab, max_tokens, overflow, report)
+                if t is not None:
+                    out.append(t)
+            bar.update(len(chunk))
+    return out, report
+
+
+def load_tokenized(source, tokenizer, **opts) -> tuple[list[TokenizedConversation], ValidationReport]:
+    """`load_conversations` then `tokenize_conversations`, with one report covering both.
+
+    Options are split by name between the two (`messages_key`, `reward_key`, `id_key`, `roles` go to
+    loading; `max_tokens`, `overflow`, `progress`, `batch_size`, `chat_template`, `exact_prefix` to
+    tokenization;
+    `strict` to both).
+
+    Example:
+        >>> data, report = load_tokenized("logs.jsonl", tokenizer, max_tokens=4096)  # doctest: +SKIP
+        >>> print(report.summary())  # doctest: +SKIP
+    """
+    load_keys = {"messages_key", "reward_key", "id_key", "roles"}
+    tok_keys = {"max_tokens", "overflow", "progress", "batch_size", "chat_template", "exact_prefix"}
+    unknown = set(opts) - load_keys - tok_keys - {"strict"}
+    if unknown:
+        raise TypeError(f"load_tokenized got unknown options {sorted(unknown)}")
+    strict = opts.get("strict", False)
+    convs, report = load_conversations(source, strict=strict, **{k: v for k, v in opts.items() if k in load_keys})
+    return tokenize_conversations(
+        convs, tokenizer, strict=strict, report=report, **{k: v for k, v in opts.items() if k in tok_keys}
+    )
+
+
+def assistant_spans(messages: list[dict], tokenizer, *, chat_template: str | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of one conversation and the `[start, end)` token span of every assistant turn.
+
+    Raises `ValueError` if the template breaks the prefix property. Meant for inspecting a template.
+
+    Example:
+        >>> tok = build_word_tokenizer(["hi hello"])
+        >>> ids, spans = assistant_spans([{"role": "user", "content": "hi"},
+        ...                               {"role": "assistant", "content": "hello"}], tok)
+        >>> spans
+        [(5, 7)]
+    """
+    enc = _ChatEncoder(tokenizer, chat_template or tokenizer.chat_template)
+    enc.compiled = enc.backend = None  # one conversation: the public calls, nothing to speed up
+    turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
+    texts = enc.render([messages], False)
+    texts += enc.render([messages[:k] for k in turns], True)
+    texts += enc.render([messages[: k + 1] for k in turns], False)
+    ids = enc.encode(texts)
+    full, n = ids[0], len(turns)
+    spans = []
+    for j, k in enumerate(turns):
+        for what, pre in (("generation-prompt prefix", ids[1 + j]), ("prefix ending with this turn", ids[1 + n + j])):
+            if _token_boundary(full, pre) is None:
+                raise ValueError(f"assistant message {k}: the tokens of the {what} are not a prefix of the "
+                                 f"conversation's tokens; {_diff(tokenizer, full, pre)}")
+        spans.append((len(ids[1 + j]), len(ids[1 + n + j])))
+    return full, spans
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+class _ChatEncoder:
+    """Renders chats and encodes texts the way `apply_chat_template(tokenize=True)` would, but faster.
+
+    Public transformers calls cost ~2x the Jinja render and the Rust encode themselves (message
+    normalization, BatchEncoding). So plain `{role, content}` chats render through the compiled
+    template directly and texts encode through the backend tokenizer, after a one-time check that
+    both give exactly what the public calls give; anything else takes the public path.
+    """
+
+    _PLAIN_KEYS = frozenset(("role", "content"))
+
+    def __init__(self, tokenizer, template: str | None):
+        self.tok, self.template = tokenizer, template
+        self.compiled = None
+        self.backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self._checked = False
+        if template:
+            try:  # private helper, so only an optimization: any failure keeps the public path
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                self.compiled = _compile_jinja_template(template)
+                self.template_vars = dict(tokenizer.special_tokens_map)
+            except Exception:
+                self.compiled = None
+
+    def render(self, chats: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+        if not chats:
+            return []
+        if self.compiled is None:
+            return self._render_public(chats, add_generation_prompt)
+        out = [None] * len(chats)
+        slow = []
+        for i, chat in enumerate(chats):
+            if all(m.keys() <= self._PLAIN_KEYS for m in chat):
+                out[i] = self.compiled.render(
+                    messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.template_vars
+                )
+            else:
+                slow.append(i)
+        for i, text in zip(slow, self._render_public([chats[i] for i in slow], add_generation_prompt)):
+            out[i] = text
+        return out
+
+    def _render_public(self, chats, add_generation_prompt) -> list[str]:
+        if not chats:
+            return []
+        out = self.tok.apply_chat_template(
+            list(chats), chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return [out] if isinstance(out, str) else list(out)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return self._encode_public(texts)
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list | None]]:
+        """(ids, character offsets per token) per text; offsets None without a fast backend."""
+        if self.backend is not None:
+            return [(e.ids, e.offsets) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [(ids, None) for ids in self._encode_public(texts)]
+
+    def _encode_public(self, texts: list[str]) -> list[list[int]]:
+        # add_special_tokens=False as in apply_chat_template: the template writes BOS and friends itself.
+        enc = self.tok(texts, add_special_tokens=False, return_attention_mask=False)
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc  # BatchEncoding/dict, or a bare list
+        return [list(x) for x in ids]
+
+    def check_fast_path(self, chat: list[dict]) -> None:
+        """Compare the fast path with the public calls on one chat; fall back for good on any difference."""
+        if self._checked:
+            return
+        self._checked = True
+        for gen in (False, True):
+            if self.compiled is not None and self.render([chat], gen) != self._render_public([chat], gen):
+                self.compiled = None
+        if self.backend is not None:
+            texts = self._render_public([chat], False)
+            if self.encode(texts) != self._encode_public(texts):
+                self.backend = None
+
+
+def _tokenize_chunk(chunk: Sequence[Conversation], enc: _ChatEncoder, report, exact: bool = False):
+    """(input_ids, loss_mask) or None per conversation of the chunk.
+
+    Each trained assistant turn k has two boundaries: the end of `messages[:k]` rendered with the
+    generation prompt (content starts) and the end of `messages[:k+1]` (turn ends; the whole text
+    for the last message). A boundary is settled from the full text's token offsets when the prefix
+    is a character prefix ending exactly at a token's end with no token across it; otherwise
+    (or with `exact`) the prefix is tokenized and must equal the conversation's first tokens.
+    """
+    results: list = [None] * len(chunk)
+    jobs = []  # (chunk index, trained turns, [(start text, end text) per turn])
+    full_chats, start_chats, end_chats = [], [], []
+    for i, conv in enumerate(chunk):
+        if conv.is_tokenized:
+            results[i] = (conv.input_ids, conv.loss_mask)
+            continue
+        msgs, last = conv.messages, len(conv.messages) - 1
+        turns = [k for k, t in enumerate(conv.train) if t]
+        jobs.append((i, turns))
+        full_chats.append(msgs)
+        start_chats.extend(msgs[:k] for k in turns)
+        end_chats.extend(msgs[: k + 1] for k in turns if k != last)  # the last turn ends with the text
+    if not jobs:
+        return results
+    enc.check_fast_path(full_chats[0])
+    try:
+        full_texts = enc.render(full_chats, False)
+        start_texts = iter(enc.render(start_chats, True))
+        end_texts = iter(enc.render(end_chats, False))
+    except Exception:
+        # One conversation broke the batch: redo them one by one to locate and report it.
+        return _tokenize_one_by_one(chunk, [i for i, _ in jobs], enc, report, results, exact)
+    full_enc = enc.encode_with_offsets(full_texts)
+
+    # Pass 1: settle boundaries from offsets; collect the prefixes that need tokenizing.
+    pending = {}  # prefix text -> token ids (filled in pass 2)
+    work = []
+    for (i, turns), text, (ids, offsets) in zip(jobs, full_texts, full_enc):
+        ends = starts = None
+        if offsets is not None and not exact and len(offsets):
+            starts, ends = (np.asarray(x) for x in zip(*offsets))
+            if (np.diff(ends) < 0).any() or (np.diff(starts) < 0).any():
+                starts = ends = None  # out-of-order offsets: trust only tokenized prefixes
+        bounds = []
+        last = len(chunk[i].messages) - 1
+        for k in turns:
+            pair = []
+            for prefix in (next(start_texts), text if k == last else next(end_texts)):
+                n = len(ids) if prefix is text else _offset_boundary(prefix, text, starts, ends)
+                if n is None:
+                    pending[prefix] = None
+                    n = prefix
+                pair.append(n)
+            bounds.append(pair)
+        work.append((i, turns, ids, bounds))
+
+    # Pass 2: tokenize the unsettled prefixes in one batch (each distinct text once).
+    if pending:
+        for prefix, ids in zip(pending, enc.encode(list(pending))):
+            pending[prefix] = ids
+    for i, turns, ids, bounds in work:
+        conv, full = chunk[i], list(ids)
+        mask = np.zeros(len(full), dtype=np.uint8)
+        for k, (start, end) in zip(turns, bounds):
+            s, e = (_token_boundary(full, pending[b]) if isinstance(b, str) else b for b in (start, end))
+            if s is None or e is None or e < s:
+                what = "generation-prompt prefix" if s is None else "prefix ending with this turn"
+                pre = pending[start] if s is None else pending.get(end) if isinstance(end, str) else None
+                report.problem(
+                    "template_mismatch", conv.location,
+                    f"assistant message {k}: the tokens of the {what} are not a prefix of the conversation's tokens"
+                    + (f"; {_diff(enc.tok, full, pre)}" if pre is not None else ""),
+                )
+                break
+            mask[s:e] = 1
+        else:
+            results[i] = (full, mask)
+    return results
+
+
+def _offset_boundary(prefix: str, text: str, starts, ends) -> int | None:
+    """Token index where `prefix` ends in `text`'s tokens, if the offsets settle it; else None.
+
+    Settled only when the prefix is a character prefix and ends exactly where a token ends with no
+    token across it. A gap before the boundary (whitespace the offsets leave out, e.g. byte-level
+    BPE trims a leading space off `" word"`) is not settled: that space may be tokenized with the
+    next word in the conversation but alone in the prefix.
+    """
+    if ends is None or not text.startswith(prefix):
+        return None
+    b = len(prefix)
+    n = int(np.searchsorted(ends, b, side="right"))
+    tight = (n == 0 and b == 0) or (n > 0 and ends[n - 1] == b)
+    if tight and (n == len(starts) or starts[n] >= b):
+        return n
+    return None
+
+
+def _token_boundary(full: list[int], prefix_ids: list[int]) -> int | None:
+    """len(prefix_ids) if they are the first tokens of `full`, else None (prefix property broken)."""
+    return len(prefix_ids) if full[: len(prefix_ids)] == list(prefix_ids) else None
+
+
+def _tokenize_one_by_one(chunk, indices, enc, report, results, exact):
+    for i in indices:
+        conv = chunk[i]
+        try:
+            enc.render([conv.messages], False)
+            for k, t in enumerate(conv.train):
+                if t:
+                    enc.render([conv.messages[:k]], True)
+                    enc.render([conv.messages[: k + 1]], False)
+        except Exception as e:  # template code can raise anything (jinja raise_exception, TypeError...)
+            report.problem("template_error", conv.location, f"chat template failed: {type(e).__name__}: {e}")
+            continue
+        results[i] = _tokenize_chunk([conv], enc, report, exact)[0]
+    return results
+
+
+def _finish(conv, ids, mask, vocab, max_tokens, overflow, report) -> TokenizedConversation | None:
+    ids = np.asarray(ids, dtype=np.int64)
+    mask = np.asarray(mask, dtype=np.uint8)
+    if conv.is_tokenized and len(ids) and int(ids.max()) >= vocab:
+        report.problem("bad_tokens", conv.location, f"token id {int(ids.max())} >= vocabulary size {vocab}")
+        return None
+    if max_tokens is not None and len(ids) > max_tokens:
+        if overflow == "skip":
+            report.problem("too_long", conv.location, f"{len(ids)} tokens > max_tokens={max_tokens}")
+            return None
+        report.warn("truncated", conv.location, f"{len(ids)} tokens cut to {max_tokens}")
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    if mask[0]:
+        # The packer never trains position 0 (nothing precedes it); say so rather than lose it quietly.
+        report.warn("first_token_trained", conv.location, "loss_mask[0] was 1")
+        mask = mask.copy()
+        mask[0] = 0
+    if not mask.any():
+        report.problem("empty_mask", conv.location, f"no trained token among {len(ids)} (all assistant turns empty or cut?)")
+        return None
+    return TokenizedConversation(conv.id, ids, mask, conv.reward, conv.prompt_key)
+
+
+def _diff(tokenizer, full, pre) -> str:
+    j = next((j for j, (a, b) in enumerate(zip(full, pre)) if a != b), min(len(full), len(pre)))
+    show = lambda x: tokenizer.convert_ids_to_tokens(list(x[max(0, j - 3) : j + 3]))  # noqa: E731
+    return f"first difference at token {j}: conversation {show(full)} vs prefix {show(pre)}"
