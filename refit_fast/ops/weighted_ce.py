@@ -492,10 +492,10 @@ def weighted_ce(
     if impl == "triton":
         if not HAS_TRITON:
             raise ValueError("weighted_ce: impl='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError("weighted_ce: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret on CPU); use impl='torch'")
         if hidden.dtype == torch.float64:
             raise ValueError("weighted_ce: impl='triton' computes in fp32; use impl='torch' for float64")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError("weighted_ce: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret on CPU); use impl='torch'")
 
     # ---- flatten; conversation of each token ----
     D = hidden.shape[-1]
