@@ -1,0 +1,38 @@
+"""Conversation packer: padding-free rows for varlen training (C++ core in csrc/).
+
+    from refit_fast.packing import pack, to_torch
+    packed = pack(conversations, 4096, strategy="bfd", seed=epoch)
+    for row in packed:
+        batch = to_torch(row, "cuda")   # input_ids, labels, position_ids, seq_ids, cu_seqlens, max_seqlen
+
+See :mod:`refit_fast.packing.packer` for the three steps (flatten, plan_bins, materialize) and
+:mod:`refit_fast.packing.turns` for ``overlong="truncate_turns"``.
+"""
+from refit_fast.packing.packer import (
+    BinPlan,
+    FlatConversations,
+    PackStats,
+    Packed,
+    flatten,
+    materialize,
+    pack,
+    plan_bins,
+    row_buffers,
+    to_torch,
+)
+from refit_fast.packing.turns import exchange_starts, truncate_turns
+
+__all__ = [
+    "BinPlan",
+    "FlatConversations",
+    "PackStats",
+    "Packed",
+    "exchange_starts",
+    "flatten",
+    "materialize",
+    "pack",
+    "plan_bins",
+    "row_buffers",
+    "to_torch",
+    "truncate_turns",
+]

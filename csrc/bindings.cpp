@@ -1,0 +1,141 @@
+// pybind11 shell around packing.h: converts numpy arrays, checks what the core assumes, and
+// releases the GIL for the O(n) work. Exposed as refit_fast._packing; the Python API lives in
+// refit_fast/packing/, which is the only intended caller.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <string>
+
+#include "packing.h"
+
+namespace py = pybind11;
+using namespace refit_packing;
+
+namespace {
+
+// No forcecast: a wrong dtype is the caller's bug and must not be converted silently.
+template <class T>
+using CArray = py::array_t<T, py::array::c_style>;
+
+template <class T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(T));
+  return out;
+}
+
+template <class T>
+const T* data1d(const CArray<T>& a, const char* name) {
+  if (a.ndim() != 1) throw std::invalid_argument(std::string(name) + " must be 1-D");
+  return a.data();
+}
+
+py::tuple plan(const CArray<int64_t>& lengths, int64_t max_tokens, int strategy, uint64_t seed) {
+  if (strategy != 0 && strategy != 1) throw std::invalid_argument("strategy must be 0 (bfd) or 1 (ffs)");
+  const int64_t* len = data1d(lengths, "lengths");
+  const int64_t n = lengths.shape(0);
+  Plan p;
+  {
+    py::gil_scoped_release nogil;
+    p = plan_bins(len, n, max_tokens, static_cast<Strategy>(strategy), seed);
+  }
+  return py::make_tuple(to_numpy(p.bin_offsets), to_numpy(p.items));
+}
+
+// Output array `key` of n elements: a view of the caller's buffer out[key] when given (no
+// allocation, no first-touch page faults: the fast path for repeated packing), else a new array.
+template <class T>
+py::array_t<T> output(const py::object& out, const char* key, int64_t n) {
+  if (out.is_none()) return py::array_t<T>(static_cast<py::ssize_t>(n));  // uninitialized (np.empty)
+  py::dict d = out.cast<py::dict>();
+  if (!d.contains(key)) throw std::invalid_argument(std::string("out has no '") + key + "' buffer");
+  py::object obj = d[key];
+  if (!py::isinstance<py::array_t<T>>(obj))  // equivalent dtype only: never a silent conversion
+    throw std::invalid_argument(std::string("out['") + key + "'] must be a numpy array of " +
+                                py::str(py::dtype::of<T>()).cast<std::string>());
+  auto buf = py::array(obj);
+  if (buf.ndim() != 1 || !(buf.flags() & py::array::c_style) || !buf.writeable())
+    throw std::invalid_argument(std::string("out['") + key + "'] must be 1-D, contiguous, writeable");
+  if (buf.shape(0) < n)
+    throw std::invalid_argument(std::string("out['") + key + "'] holds " + std::to_string(buf.shape(0)) +
+                                " elements, " + std::to_string(n) + " needed");
+  // A view of the first n elements that keeps the buffer alive.
+  return py::array_t<T>(static_cast<py::ssize_t>(n), static_cast<T*>(buf.mutable_data()), buf);
+}
+
+template <class T>
+py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* conv_off,
+                        const int64_t* bin_off, int64_t n_bins, const int64_t* items,
+                        const RowLayout& lay, int64_t pad_to, int64_t pad_id, const py::object& out) {
+  const int64_t total = lay.total_tokens;
+  py::array_t<T> o_ids = output<T>(out, "input_ids", total);
+  py::array_t<T> o_lab = output<T>(out, "labels", total);
+  py::array_t<T> o_pos = output<T>(out, "position_ids", total);
+  py::array_t<T> o_seq = output<T>(out, "seq_ids", total);
+  py::array_t<int32_t> o_cu = output<int32_t>(out, "cu_seqlens", lay.total_cu);
+  py::array_t<int64_t> o_max(static_cast<py::ssize_t>(n_bins));
+  T *pi = o_ids.mutable_data(), *pl = o_lab.mutable_data(), *pp = o_pos.mutable_data(),
+    *ps = o_seq.mutable_data();
+  int32_t* pc = o_cu.mutable_data();
+  int64_t* pm = o_max.mutable_data();
+  bool fits;
+  {
+    py::gil_scoped_release nogil;
+    fits = fill_rows<T>(ids, mask, conv_off, bin_off, n_bins, items, lay, pad_to, pad_id, pi, pl,
+                        pp, ps, pc, pm);
+  }
+  if (!fits) throw std::invalid_argument("token ids do not fit in int32; use dtype=np.int64");
+  py::dict d;
+  d["input_ids"] = o_ids;
+  d["labels"] = o_lab;
+  d["position_ids"] = o_pos;
+  d["seq_ids"] = o_seq;
+  d["cu_seqlens"] = o_cu;
+  d["max_seqlen"] = o_max;
+  d["row_offsets"] = to_numpy(lay.row_offsets);
+  d["cu_offsets"] = to_numpy(lay.cu_offsets);
+  d["real_tokens"] = lay.real_tokens;
+  return d;
+}
+
+py::dict materialize(const CArray<int64_t>& ids, const CArray<uint8_t>& mask,
+                     const CArray<int64_t>& conv_offsets, const CArray<int64_t>& bin_offsets,
+                     const CArray<int64_t>& items, int64_t pad_to, int64_t pad_id, bool int32_out,
+                     const py::object& out) {
+  const int64_t* pid = data1d(ids, "ids");
+  const uint8_t* pmask = data1d(mask, "mask");
+  const int64_t* poff = data1d(conv_offsets, "conv_offsets");
+  const int64_t* pbin = data1d(bin_offsets, "bin_offsets");
+  const int64_t* pit = data1d(items, "items");
+  if (mask.shape(0) != ids.shape(0)) throw std::invalid_argument("ids and mask differ in length");
+  if (conv_offsets.shape(0) < 1 || bin_offsets.shape(0) < 1)
+    throw std::invalid_argument("offset arrays need at least one element");
+  const int64_t n_conv = conv_offsets.shape(0) - 1;
+  // The fill loop reads ids[conv_offsets[c] : conv_offsets[c+1]] unchecked: prove it in bounds here.
+  if (poff[0] != 0 || poff[n_conv] != ids.shape(0))
+    throw std::invalid_argument("conv_offsets must start at 0 and end at len(ids)");
+  for (int64_t c = 0; c < n_conv; ++c)
+    if (poff[c + 1] < poff[c]) throw std::invalid_argument("conv_offsets must be non-decreasing");
+  if (pad_to < 0) throw std::invalid_argument("pad_to must be >= 0 (0 = no padding)");
+  const int64_t n_bins = bin_offsets.shape(0) - 1;
+  const RowLayout lay = layout_rows(poff, n_conv, pbin, n_bins, pit, items.shape(0), pad_to);
+  if (int32_out)
+    return materialize_as<int32_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id, out);
+  return materialize_as<int64_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id, out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_packing, m) {
+  m.doc() = "C++ core of refit_fast.packing (use refit_fast.packing.pack, not this module).";
+  m.def("plan", &plan, py::arg("lengths"), py::arg("max_tokens"), py::arg("strategy"),
+        py::arg("seed"),
+        "Plan bins: returns (bin_offsets int64[bins+1], items int64[kept]); lengths > max_tokens "
+        "are skipped. strategy 0 = best-fit-decreasing, 1 = first-fit over shuffled input.");
+  m.def("materialize", &materialize, py::arg("ids"), py::arg("mask"), py::arg("conv_offsets"),
+        py::arg("bin_offsets"), py::arg("items"), py::arg("pad_to"), py::arg("pad_id"),
+        py::arg("int32_out"), py::arg("out") = py::none(),
+        "Fill all rows of a plan into flat arrays (GIL released); returns a dict of arrays. With out "
+        "(a dict of 1-D buffers), the token arrays and cu_seqlens are views of those buffers.");
+}

@@ -1,0 +1,619 @@
+"""Padding-free packing of conversations into rows of at most ``max_tokens`` tokens.
+
+Three steps, each usable on its own (the trainer flattens once, plans once per epoch, materializes):
+
+1. :func:`flatten` validates the conversations and concatenates them into one flat token buffer plus
+   offsets (one ``np.concatenate``, no per-token Python work);
+2. :func:`plan_bins` assigns conversations to bins (C++: best-fit-decreasing over a capacity-indexed
+   tree, or first-fit over shuffled input), then shuffles the bins with the seed;
+3. :func:`materialize` fills every row's arrays in one C++ call with the GIL released.
+
+:func:`pack` runs all three and handles over-long conversations.
+"""
+from __future__ import annotations
+
+import importlib
+import operator
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from refit_fast.packing.turns import truncate_turns
+
+__all__ = [
+    "BinPlan",
+    "FlatConversations",
+    "PackStats",
+    "Packed",
+    "flatten",
+    "materialize",
+    "pack",
+    "plan_bins",
+    "row_buffers",
+    "to_torch",
+]
+
+IGNORE_INDEX = -100
+STRATEGIES = {"bfd": 0, "ffs": 1}
+OVERLONG = ("drop", "error", "truncate_turns")
+MAX_TOKENS_LIMIT = 1 << 24  # same bound as kMaxTokensLimit in csrc/packing.h
+
+_BUILD_HINT = (
+    "refit_fast._packing (the C++ packer) is not built. From the repository root run "
+    "`pip install -e .` (needs a C++17 compiler; pybind11 comes through build isolation) or, in an "
+    "environment that already has pybind11, `python setup.py build_ext --inplace`."
+)
+_EXT = None
+
+
+def _ext():
+    """The compiled module, imported on first use so that `import refit_fast` works without it."""
+    global _EXT
+    if _EXT is None:
+        try:
+            _EXT = importlib.import_module("refit_fast._packing")
+        except ImportError as e:
+            raise ImportError(_BUILD_HINT) from e
+    return _EXT
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 1: flatten
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlatConversations:
+    """All conversations in one buffer: conversation ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``.
+
+    ``input_ids`` is int64, ``loss_mask`` uint8 (0/1), ``offsets`` int64 ``[n + 1]``. Build it with
+    :func:`flatten`, which validates; one built by hand is trusted for its values (the C++ side
+    still bounds-checks every offset, so a bad one raises instead of reading out of bounds).
+
+    >>> flat = flatten([(np.array([5, 6, 7]), np.array([0, 1, 1])), (np.array([8]), np.array([0]))])
+    >>> flat.lengths, flat.offsets
+    (array([3, 1]), array([0, 3, 4]))
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def conversation(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, loss_mask)`` of conversation ``i`` (views)."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.input_ids[a:b], self.loss_mask[a:b]
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a
+    if type(a).__module__.startswith("torch"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def _arrays(column: list, what: str) -> list[np.ndarray]:
+    # Fast path: a list of numpy arrays is used as is (no per-item call).
+    if all(type(a) is np.ndarray for a in column):
+        return column
+    out = []
+    for i, a in enumerate(column):
+        try:
+            out.append(_to_numpy(a))
+        except Exception as e:  # noqa: BLE001 - any conversion failure is bad input
+            raise ValueError(f"conversation {i}: {what} is not an array ({e})") from e
+    return out
+
+
+def _first(flags: np.ndarray) -> int:
+    idx = np.flatnonzero(flags)
+    return int(idx[0]) if idx.size else -1
+
+
+def flatten(conversations) -> FlatConversations:
+    """Validate conversations and concatenate them into a :class:`FlatConversations`.
+
+    ``conversations`` is a sequence of ``(input_ids, loss_mask)`` pairs (numpy arrays, torch tensors
+    or lists; a third element, the system-turn length, is allowed and ignored here). A
+    ``FlatConversations`` is returned unchanged. Raises ``ValueError`` naming the first bad
+    conversation: not 1-D, empty, mask length differs from ids, non-integer ids, a mask that is not
+    bool/integer 0/1, or negative ids.
+
+    >>> flat = flatten([([1, 2], [0, 1]), ([3, 4, 5], [True, False, True])])
+    >>> flat.input_ids, flat.loss_mask
+    (array([1, 2, 3, 4, 5]), array([0, 1, 1, 0, 1], dtype=uint8))
+    >>> flatten([([1, 2], [0])])
+    Traceback (most recent call last):
+    ValueError: conversation 0: loss_mask has length 1 but input_ids has length 2
+    """
+    if isinstance(conversations, FlatConversations):
+        return conversations
+    convs = conversations if isinstance(conversations, (list, tuple)) else list(conversations)
+    try:
+        ids_col = [c[0] for c in convs]
+        mask_col = [c[1] for c in convs]
+    except (TypeError, IndexError, KeyError):
+        for i, c in enumerate(convs):
+            if not (hasattr(c, "__getitem__") and hasattr(c, "__len__") and len(c) >= 2):
+                raise ValueError(f"conversation {i}: expected an (input_ids, loss_mask) pair") from None
+        raise
+    ids_col = _arrays(ids_col, "input_ids")
+    mask_col = _arrays(mask_col, "loss_mask")
+    n = len(ids_col)
+
+    # Per-conversation checks, vectorized over conversations; the first offender over all checks wins.
+    ids_shape = [a.shape for a in ids_col]
+    mask_shape = [a.shape for a in mask_col]
+    bad: dict[int, str] = {}
+
+    def flag(index: int, why: str) -> None:
+        if index >= 0 and index not in bad:
+            bad[index] = why
+
+    ndim_ok = np.fromiter((len(s) == 1 for s in ids_shape), bool, n) & np.fromiter(
+        (len(s) == 1 for s in mask_shape), bool, n
+    )
+    i = _first(~ndim_ok)
+    flag(i, "input_ids and loss_mask must be 1-D")
+    ok = ndim_ok.all()
+    if ok:
+        lengths = np.fromiter((s[0] for s in ids_shape), np.int64, n)
+        mlengths = np.fromiter((s[0] for s in mask_shape), np.int64, n)
+        i = _first(lengths != mlengths)
+        if i >= 0:
+            flag(i, f"loss_mask has length {mlengths[i]} but input_ids has length {lengths[i]}")
+        flag(_first(lengths == 0), "is empty")
+    ids_dtypes = {a.dtype for a in ids_col}
+    if any(dt.kind not in "iu" for dt in ids_dtypes):
+        i = next(j for j, a in enumerate(ids_col) if a.dtype.kind not in "iu")
+        flag(i, f"input_ids must be integers, got dtype {ids_col[i].dtype}")
+    mask_dtypes = {a.dtype for a in mask_col}
+    if any(dt.kind not in "biu" for dt in mask_dtypes):
+        i = next(j for j, a in enumerate(mask_col) if a.dtype.kind not in "biu")
+        flag(i, f"loss_mask must be bool or integer, got dtype {mask_col[i].dtype}")
+    if any(dt == np.uint64 for dt in ids_dtypes):  # would wrap to negative in int64
+        for j, a in enumerate(ids_col):
+            if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+                flag(j, "input_ids do not fit in int64")
+                break
+    if bad:
+        i = min(bad)
+        raise ValueError(f"conversation {i}: {bad[i]}")
+
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if n == 0:
+        return FlatConversations(np.zeros(0, np.int64), np.zeros(0, np.uint8), offsets)
+    ids = np.concatenate(ids_col, dtype=np.int64, casting="unsafe")  # dtypes checked above
+    if mask_dtypes == {np.dtype(bool)}:
+        mask = np.concatenate(mask_col).view(np.uint8)
+    else:
+        raw = np.concatenate(mask_col)
+        if raw.size and (raw.min() < 0 or raw.max() > 1):
+            pos = _first((raw != 0) & (raw != 1))
+            i = int(np.searchsorted(offsets, pos, side="right") - 1)
+            raise ValueError(f"conversation {i}: loss_mask values must be 0 or 1, got {raw[pos]}")
+        mask = raw.astype(np.uint8)
+    if ids.size and ids.min() < 0:
+        pos = _first(ids < 0)
+        i = int(np.searchsorted(offsets, pos, side="right") - 1)
+        raise ValueError(f"conversation {i}: negative token id {ids[pos]} at position {pos - offsets[i]}")
+    return FlatConversations(ids, mask, offsets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 2: plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BinPlan:
+    """Which conversations share a row: bin ``k`` holds ``items[offsets[k]:offsets[k+1]]``.
+
+    Conversations longer than ``max_tokens`` are in no bin. ``len(plan)`` is the number of bins.
+
+    >>> plan = plan_bins([3, 2, 5, 1], max_tokens=5, seed=0)
+    >>> len(plan), sorted(sorted(b.tolist()) for b in plan)
+    (3, [[0, 1], [2], [3]])
+    """
+
+    offsets: np.ndarray
+    items: np.ndarray
+    max_tokens: int
+    strategy: str
+    seed: int
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        k = operator.index(k)
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"bin {k} out of range for a plan of {len(self)} bins")
+        return self.items[self.offsets[k] : self.offsets[k + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for k in range(len(self)):
+            yield self.items[self.offsets[k] : self.offsets[k + 1]]
+
+    def loads(self, lengths) -> np.ndarray:
+        """Tokens per bin, given the conversation lengths the plan was made from."""
+        lens = np.asarray(lengths, dtype=np.int64)[self.items]
+        return np.add.reduceat(lens, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
+
+
+def _check_max_tokens(max_tokens) -> int:
+    try:
+        cap = operator.index(max_tokens)
+    except TypeError:
+        raise ValueError(f"max_tokens must be an integer, got {max_tokens!r}") from None
+    if cap < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {cap}")
+    if cap > MAX_TOKENS_LIMIT:  # the planner keeps per-capacity tables
+        raise ValueError(f"max_tokens must be <= {MAX_TOKENS_LIMIT}, got {cap}")
+    return cap
+
+
+def _check_pad_to(pad_to, cap: int):
+    if pad_to is None:
+        return None
+    try:
+        pad_to = operator.index(pad_to)
+    except TypeError:
+        raise ValueError(f"pad_to must be an integer or None, got {pad_to!r}") from None
+    if pad_to < cap:
+        raise ValueError(f"pad_to={pad_to} is smaller than max_tokens={cap}")
+    return pad_to
+
+
+def plan_bins(lengths, max_tokens: int, *, strategy: str = "bfd", seed: int = 0) -> BinPlan:
+    """Assign conversations (given by their lengths) to bins of at most ``max_tokens`` tokens.
+
+    ``strategy="bfd"``: best-fit-decreasing (longest first, each into the open bin it fills most
+    tightly; O(n + max_tokens) sort plus O(log_64 max_tokens) per conversation). ``"ffs"``:
+    first-fit over the conversations in seeded random order (keeps length mixing within a row,
+    uses a few percent more rows). Either way the bins are then shuffled with ``seed`` so training
+    does not see them sorted by fill. Same lengths, options and seed give the same plan, bit for bit.
+    Lengths above ``max_tokens`` are skipped (in no bin); a length < 1 raises ``ValueError``.
+
+    >>> plan = plan_bins(np.array([4, 4, 2, 2, 3, 1]), 6, strategy="bfd", seed=1)
+    >>> len(plan), sorted(plan.loads([4, 4, 2, 2, 3, 1]).tolist())
+    (3, [4, 6, 6])
+    """
+    cap = _check_max_tokens(max_tokens)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    seed = operator.index(seed)
+    lens = np.asarray(lengths)
+    if lens.ndim != 1 or (lens.size and lens.dtype.kind not in "iu"):
+        raise ValueError("lengths must be a 1-D integer array")
+    lens = np.ascontiguousarray(lens, dtype=np.int64)
+    if lens.size and lens.min() < 1:
+        i = _first(lens < 1)
+        raise ValueError(f"conversation {i}: length {lens[i]} (must be >= 1)")
+    offsets, items = _ext().plan(lens, cap, STRATEGIES[strategy], seed % (1 << 64))
+    return BinPlan(offsets, items, cap, strategy, seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 3: materialize
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackStats:
+    """What packing did. ``efficiency = real_tokens / (rows * max_tokens)``."""
+
+    rows: int
+    max_tokens: int
+    conversations: int  # in the input
+    kept_conversations: int
+    real_tokens: int  # tokens in rows, padding excluded
+    efficiency: float
+    dropped_conversations: int = 0
+    dropped_tokens: int = 0
+    truncated_conversations: int = 0
+    truncated_tokens: int = 0  # tokens removed from conversations that were kept after truncation
+    pad_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Packed:
+    """Packed rows. ``len(packed)`` rows; ``packed[i]`` is a dict of numpy arrays (views):
+
+    ``input_ids``, ``labels``, ``position_ids``, ``seq_ids`` of length ``L`` (the row's length, or
+    ``pad_to``), ``cu_seqlens`` int32 ``[k + 1]`` and ``max_seqlen`` (a Python int). The flat arrays
+    behind all rows are attributes too (``input_ids``, ..., ``row_offsets``, ``cu_offsets``).
+
+    >>> packed = pack([(np.array([1, 2, 3]), np.array([0, 1, 1]))], 4, pad_to=4)
+    >>> row = packed[0]
+    >>> row["labels"].tolist(), row["cu_seqlens"].tolist(), row["max_seqlen"]
+    ([2, 3, -100, -100], [0, 3, 4], 3)
+    """
+
+    def __init__(self, arrays: dict, plan: BinPlan, stats: PackStats, pad_to: int | None):
+        self.input_ids = arrays["input_ids"]
+        self.labels = arrays["labels"]
+        self.position_ids = arrays["position_ids"]
+        self.seq_ids = arrays["seq_ids"]
+        self.cu_seqlens = arrays["cu_seqlens"]
+        self.max_seqlen = arrays["max_seqlen"]
+        self.row_offsets = arrays["row_offsets"]
+        self.cu_offsets = arrays["cu_offsets"]
+        self.plan = plan
+        self.stats = stats
+        self.pad_to = pad_to
+
+    def __len__(self) -> int:
+        return self.row_offsets.shape[0] - 1
+
+    def __getitem__(self, i: int) -> dict:
+        i = operator.index(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows")
+        a, b = self.row_offsets[i], self.row_offsets[i + 1]
+        c, d = self.cu_offsets[i], self.cu_offsets[i + 1]
+        return {
+            "input_ids": self.input_ids[a:b],
+            "labels": self.labels[a:b],
+            "position_ids": self.position_ids[a:b],
+            "seq_ids": self.seq_ids[a:b],
+            "cu_seqlens": self.cu_seqlens[c:d],
+            "max_seqlen": int(self.max_seqlen[i]),
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return f"Packed(rows={s.rows}, max_tokens={s.max_tokens}, efficiency={s.efficiency:.4f})"
+
+
+def materialize(
+    flat: FlatConversations,
+    plan: BinPlan,
+    *,
+    pad_to: int | None = None,
+    pad_id: int = 0,
+    dtype=np.int64,
+    rows: slice | None = None,
+    out: dict | None = None,
+    _counts: dict | None = None,
+) -> Packed:
+    """Fill the rows of ``plan`` from ``flat`` in one C++ call (GIL released).
+
+    Row ``k`` holds the conversations of bin ``k``, in bin order. ``dtype`` (int64 or int32) is the
+    dtype of ``input_ids``, ``labels``, ``position_ids`` and ``seq_ids``; ``cu_seqlens`` is always
+    int32. With ``pad_to`` every row is padded to that length with ``pad_id`` (labels -100,
+    seq_ids -1, positions restarting at 0) as one final ``cu_seqlens`` segment.
+
+    ``rows`` (a slice of bins, step 1) materializes only those bins, e.g. one training batch at a
+    time. ``out`` is a dict of preallocated 1-D buffers (``input_ids``, ``labels``,
+    ``position_ids``, ``seq_ids`` of ``dtype``, ``cu_seqlens`` int32; see :func:`row_buffers`) that
+    are filled in place and returned as views: reusing them skips allocation and page faults, which
+    cost more than the packing itself. Stats then describe the selected rows only.
+
+    >>> flat = flatten([([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])])
+    >>> packed = materialize(flat, plan_bins(flat.lengths, 8))
+    >>> packed[0]["position_ids"].tolist(), packed[0]["seq_ids"].tolist()
+    ([0, 1, 2, 0, 1], [0, 0, 0, 1, 1])
+    """
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
+        raise ValueError(f"dtype must be int64 or int32, got {dt}")
+    pad_to = _check_pad_to(pad_to, plan.max_tokens)
+    whole = rows is None
+    if rows is not None:
+        start, stop, step = rows.indices(len(plan))
+        if step != 1:
+            raise ValueError("rows must be a slice with step 1")
+        stop = max(start, stop)
+        lo, hi = plan.offsets[start], plan.offsets[stop]
+        plan = BinPlan(plan.offsets[start : stop + 1] - lo, plan.items[lo:hi],
+                       plan.max_tokens, plan.strategy, plan.seed)
+    arrays = _ext().materialize(
+        flat.input_ids, flat.loss_mask, flat.offsets, plan.offsets, plan.items,
+        pad_to or 0, int(pad_id), dt == np.int32, out,
+    )
+    # O(1) bookkeeping only: this runs once per training batch when rows= is used.
+    n = len(flat)
+    rows = len(plan)
+    real = int(arrays["real_tokens"])
+    kept = int(plan.items.shape[0])
+    counts = {}
+    if whole:  # conversations in no bin were dropped by the planner (over-long)
+        counts = {"dropped_conversations": n - kept, "dropped_tokens": int(flat.offsets[-1]) - real}
+    if _counts:
+        counts.update(_counts)
+    stats = PackStats(
+        rows=rows,
+        max_tokens=plan.max_tokens,
+        conversations=n,
+        kept_conversations=kept,
+        real_tokens=real,
+        efficiency=real / (rows * plan.max_tokens) if rows else 0.0,
+        pad_tokens=int(arrays["row_offsets"][-1]) - real,
+        **counts,
+    )
+    return Packed(arrays, plan, stats, pad_to)
+
+
+# --------------------------------------------------------------------------------------------------
+# All together
+# --------------------------------------------------------------------------------------------------
+
+
+def row_buffers(plan: BinPlan, lengths=None, *, pad_to: int | None = None, rows: int | None = None,
+                dtype=np.int64) -> dict:
+    """Preallocated output buffers for :func:`materialize` ``(out=...)``, sized for the largest
+    ``rows`` consecutive bins of ``plan`` (all bins if ``rows`` is None; with ``pad_to`` the size is
+    exact). Pages are touched once here so that later fills run at memory speed.
+
+    >>> flat = flatten([([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])])
+    >>> plan = plan_bins(flat.lengths, 4)
+    >>> buf = row_buffers(plan, flat.lengths, rows=1)
+    >>> materialize(flat, plan, rows=slice(0, 1), out=buf)[0]["input_ids"].base is not None
+    True
+    """
+    n_bins = len(plan)
+    rows = n_bins if rows is None else max(0, min(int(rows), n_bins))
+    counts = np.diff(plan.offsets)
+    if pad_to is not None:
+        tokens = rows * int(pad_to)
+        cu = int(np.convolve(counts, np.ones(rows, np.int64), "valid").max(initial=0)) + 2 * rows if rows else 0
+    else:
+        if lengths is None:
+            raise ValueError("lengths are needed to size buffers without pad_to")
+        loads = plan.loads(lengths)
+        win = np.ones(rows, np.int64) if rows else np.ones(1, np.int64)
+        tokens = int(np.convolve(loads, win, "valid").max(initial=0)) if rows else 0
+        cu = int(np.convolve(counts, win, "valid").max(initial=0)) + rows if rows else 0
+    out = {k: np.full(tokens, 0, dtype) for k in ("input_ids", "labels", "position_ids", "seq_ids")}
+    out["cu_seqlens"] = np.full(cu, 0, np.int32)
+    return out
+
+
+def _truncate(flat: FlatConversations, convs, cap: int):
+    """Apply exchange truncation to every over-long conversation (rare: a Python loop over them only)."""
+    lengths = flat.lengths
+    over = np.flatnonzero(lengths > cap)
+    keep = None
+    new_lengths = lengths.copy()
+    n_trunc = tok_trunc = 0
+    for i in over.tolist():
+        c = convs[i] if convs is not None else ()
+        system_len = int(c[2]) if len(c) > 2 else 0
+        a = int(flat.offsets[i])
+        n_i = int(lengths[i])
+        if not 0 <= system_len <= n_i:
+            raise ValueError(f"conversation {i}: system_len={system_len} is outside the conversation")
+        ranges = truncate_turns(flat.loss_mask[a : a + n_i], cap, system_len)
+        if ranges is None:
+            continue  # stays over-long: the planner skips it and it is counted as dropped
+        if keep is None:
+            keep = np.ones(flat.input_ids.shape[0], dtype=bool)
+        keep[a : a + n_i] = False
+        for s, e in ranges:
+            keep[a + s : a + e] = True
+        new_len = sum(e - s for s, e in ranges)
+        new_lengths[i] = new_len
+        n_trunc += 1
+        tok_trunc += n_i - new_len
+    if keep is None:
+        return flat, 0, 0
+    offsets = np.zeros_like(flat.offsets)
+    np.cumsum(new_lengths, out=offsets[1:])
+    return FlatConversations(flat.input_ids[keep], flat.loss_mask[keep], offsets), n_trunc, tok_trunc
+
+
+def pack(
+    conversations: Sequence,
+    max_tokens: int,
+    *,
+    strategy: str = "bfd",
+    seed: int = 0,
+    overlong: str = "drop",
+    pad_to: int | None = None,
+) -> Packed:
+    """Pack conversations into rows of at most ``max_tokens`` tokens for varlen training.
+
+    ``conversations``: a sequence of ``(input_ids, loss_mask)`` pairs of 1-D integer arrays (numpy
+    or torch), ``loss_mask[j] = 1`` where token ``j`` is a trained agent token; a third element,
+    the length of a leading system turn, is used by ``overlong="truncate_turns"``. Conversations are
+    never split; bins are planned with ``strategy`` (``"bfd"`` or ``"ffs"``, see :func:`plan_bins`)
+    and shuffled with ``seed``.
+
+    Row ``i`` (``packed[i]``, a dict of numpy arrays): ``input_ids``; ``position_ids`` restarting at
+    0 for every conversation; ``labels[j] = input_ids[j+1]`` of the same conversation where
+    ``loss_mask[j+1] == 1``, else -100; ``seq_ids`` (index of the conversation in the input, -1 on
+    padding); ``cu_seqlens`` int32 over the row (padding is one final segment); ``max_seqlen`` (int).
+
+    ``overlong``: ``"drop"`` skips conversations longer than ``max_tokens`` (counted in
+    ``packed.stats``); ``"error"`` raises ``ValueError`` naming the first one; ``"truncate_turns"``
+    drops the oldest whole exchanges (see :mod:`refit_fast.packing.turns`), keeping the system turn
+    (when its length is given) and the final exchange, else drops the conversation. ``pad_to`` pads
+    every row to that length (must be >= ``max_tokens``).
+
+    >>> convs = [(np.array([1, 2, 3, 4]), np.array([0, 0, 1, 1])),
+    ...          (np.array([5, 6]), np.array([0, 1])),
+    ...          (np.array([7, 8, 9, 10, 11, 12]), np.array([0, 1, 1, 1, 1, 1]))]
+    >>> packed = pack(convs, 6, seed=0)
+    >>> len(packed), packed.stats.efficiency
+    (2, 1.0)
+    >>> row = next(r for r in packed if 1 in r["seq_ids"])
+    >>> row["seq_ids"].tolist(), row["labels"].tolist(), row["cu_seqlens"].tolist()
+    ([0, 0, 0, 0, 1, 1], [-100, 3, 4, -100, 6, -100], [0, 4, 6])
+    """
+    cap = _check_max_tokens(max_tokens)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {list(OVERLONG)}, got {overlong!r}")
+    pad_to = _check_pad_to(pad_to, cap)
+    convs = None
+    if not isinstance(conversations, FlatConversations):
+        convs = conversations if isinstance(conversations, (list, tuple)) else list(conversations)
+    flat = flatten(convs if convs is not None else conversations)
+    lengths = flat.lengths
+    counts = {}
+    if overlong == "error":
+        i = _first(lengths > cap)
+        if i >= 0:
+            raise ValueError(f"conversation {i} has {lengths[i]} tokens, more than max_tokens={cap}")
+    elif overlong == "truncate_turns":
+        total = int(lengths.sum())
+        flat, n_trunc, tok_trunc = _truncate(flat, convs, cap)
+        counts = {"truncated_conversations": n_trunc, "truncated_tokens": tok_trunc}
+        kept_lengths = flat.lengths
+        dropped = kept_lengths > cap
+        counts["dropped_conversations"] = int(dropped.sum())
+        # dropped tokens are counted at their original length
+        counts["dropped_tokens"] = total - tok_trunc - int(kept_lengths[~dropped].sum())
+    plan = plan_bins(flat.lengths, cap, strategy=strategy, seed=seed)
+    return materialize(flat, plan, pad_to=pad_to, _counts=counts)
+
+
+def to_torch(row: dict, device=None, *, non_blocking: bool = False, dtype=None) -> dict:
+    """A row of :class:`Packed` as torch tensors on ``device`` (``max_seqlen`` stays a Python int,
+    so varlen attention needs no device sync). On CPU the tensors share memory with the arrays.
+
+    ``dtype`` (e.g. ``torch.int64``) converts ``input_ids``, ``labels``, ``position_ids`` and
+    ``seq_ids`` after the move, so int32 rows cross the host-device link at half the bytes and
+    arrive as int64; ``cu_seqlens`` stays int32.
+
+    >>> packed = pack([([1, 2, 3], [0, 1, 1])], 4)
+    >>> batch = to_torch(packed[0])
+    >>> batch["input_ids"].dtype, batch["cu_seqlens"].dtype, batch["max_seqlen"]
+    (torch.int64, torch.int32, 3)
+    """
+    import torch
+
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, np.ndarray):
+            t = torch.from_numpy(v)
+            if device is not None:
+                t = t.to(device, non_blocking=non_blocking)
+            if dtype is not None and k != "cu_seqlens":
+                t = t.to(dtype)
+            out[k] = t
+        else:
+            out[k] = v
+    return out

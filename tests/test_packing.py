@@ -1,0 +1,576 @@
+"""Tests of the C++ packer (csrc/) through refit_fast.packing.
+
+The references below are deliberately naive (linear scans, per-token Python loops) so they share no
+code or data structure with the C++ planner: they define what "best fit", "first fit", the tie
+rule and the seeded shuffle mean, and the compiled packer must agree with them exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from refit_fast.packing import (
+    FlatConversations,
+    exchange_starts,
+    flatten,
+    materialize,
+    pack,
+    plan_bins,
+    row_buffers,
+    to_torch,
+    truncate_turns,
+)
+from refit_fast.packing import packer as packer_module
+from refit_fast.packing import turns as turns_module
+
+IGNORE = -100
+M64 = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure-Python reference packer
+# --------------------------------------------------------------------------------------------------
+
+
+class RefRng:
+    """splitmix64 with multiply-shift range reduction, as specified in csrc/packing.h."""
+
+    def __init__(self, seed: int):
+        self.state = seed & M64
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & M64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return z ^ (z >> 31)
+
+    def below(self, n: int) -> int:
+        return (self.next() * n) >> 64
+
+    def shuffle(self, a: list) -> None:
+        for i in range(len(a) - 1, 0, -1):
+            j = self.below(i + 1)
+            a[i], a[j] = a[j], a[i]
+
+
+def ref_plan(lengths, cap: int, strategy: str = "bfd", seed: int = 0) -> list[list[int]]:
+    """Bins as lists of conversation indices, in final (shuffled) order."""
+    rng = RefRng(seed)
+    kept = [i for i, n in enumerate(lengths) if n <= cap]
+    bins: list[list[int]] = []
+    left: list[int] = []
+    if strategy == "bfd":
+        # Longest first, ties by index. Best fit = least room left over; among equally tight bins
+        # the one whose room changed most recently.
+        changed: list[int] = []
+        for t, i in enumerate(sorted(kept, key=lambda i: (-lengths[i], i))):
+            s = lengths[i]
+            best = None
+            for b in range(len(bins)):
+                if left[b] >= s and (
+                    best is None
+                    or left[b] < left[best]
+                    or (left[b] == left[best] and changed[b] > changed[best])
+                ):
+                    best = b
+            if best is None:
+                bins.append([])
+                left.append(cap)
+                changed.append(t)
+                best = len(bins) - 1
+            bins[best].append(i)
+            left[best] -= lengths[i]
+            changed[best] = t
+    else:
+        rng.shuffle(kept)
+        for i in kept:
+            b = next((b for b in range(len(bins)) if left[b] >= lengths[i]), None)
+            if b is None:
+                bins.append([])
+                left.append(cap)
+                b = len(bins) - 1
+            bins[b].append(i)
+            left[b] -= lengths[i]
+    perm = list(range(len(bins)))
+    rng.shuffle(perm)
+    return [bins[k] for k in perm]
+
+
+def ref_rows(convs, bins, pad_to=None, pad_id=0) -> list[dict]:
+    """Rows built token by token from the definition of every field."""
+    rows = []
+    for b in bins:
+        r = {"input_ids": [], "labels": [], "position_ids": [], "seq_ids": [], "cu_seqlens": [0]}
+        seglens = []
+        for c in b:
+            ids, mask = (list(map(int, x)) for x in convs[c][:2])
+            for j in range(len(ids)):
+                r["input_ids"].append(ids[j])
+                r["labels"].append(ids[j + 1] if j + 1 < len(ids) and mask[j + 1] else IGNORE)
+                r["position_ids"].append(j)
+                r["seq_ids"].append(c)
+            r["cu_seqlens"].append(len(r["input_ids"]))
+            seglens.append(len(ids))
+        if pad_to is not None and len(r["input_ids"]) < pad_to:
+            pad = pad_to - len(r["input_ids"])
+            r["input_ids"] += [pad_id] * pad
+            r["labels"] += [IGNORE] * pad
+            r["position_ids"] += list(range(pad))
+            r["seq_ids"] += [-1] * pad
+            r["cu_seqlens"].append(pad_to)
+            seglens.append(pad)
+        r["max_seqlen"] = max(seglens)
+        rows.append(r)
+    return rows
+
+
+def brute_force_min_bins(lengths, cap: int) -> int:
+    """Optimal bin count by dynamic programming over subsets (tiny inputs only)."""
+    items = [n for n in lengths if n <= cap]
+    k = len(items)
+    full = (1 << k) - 1
+    fits = [sum(items[j] for j in range(k) if s >> j & 1) <= cap for s in range(full + 1)]
+    best = [0] + [k + 1] * full
+    for s in range(1, full + 1):
+        low = s & -s  # the lowest item must go somewhere: enumerate only subsets holding it
+        rest = s ^ low
+        sub = rest
+        while True:
+            if fits[sub | low]:
+                best[s] = min(best[s], best[rest ^ sub] + 1)
+            if sub == 0:
+                break
+            sub = (sub - 1) & rest
+    return best[full]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def make_convs(lengths, rng, vocab=50_000):
+    """Conversations with chat-like masks: alternating runs of untrained and trained tokens."""
+    convs = []
+    for n in lengths:
+        ids = rng.integers(0, vocab, n, dtype=np.int64)
+        mask = np.zeros(n, dtype=np.int64)
+        j, trained = 0, False
+        while j < n:
+            run = int(rng.integers(1, 12))
+            mask[j : j + run] = trained
+            j += run
+            trained = not trained
+        convs.append((ids, mask))
+    return convs
+
+
+def plan_as_lists(plan) -> list[list[int]]:
+    return [b.tolist() for b in plan]
+
+
+def check_rows(packed, convs, cap, pad_to=None, expect_kept=None):
+    """The invariants every packed result must satisfy, checked without any reference."""
+    seen = {}
+    for r, row in enumerate(packed):
+        n = row["input_ids"].shape[0]
+        for k in ("labels", "position_ids", "seq_ids"):
+            assert row[k].shape == (n,)
+        cu = row["cu_seqlens"]
+        assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == n and np.all(np.diff(cu) > 0)
+        assert isinstance(row["max_seqlen"], int) and row["max_seqlen"] == int(np.diff(cu).max())
+        if pad_to is None:
+            assert n <= cap
+        else:
+            assert n == pad_to
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            sid = int(row["seq_ids"][a])
+            assert np.all(row["seq_ids"][a:b] == sid)
+            np.testing.assert_array_equal(row["position_ids"][a:b], np.arange(b - a))
+            if sid == -1:  # padding: only as the last segment
+                assert b == n and pad_to is not None
+                assert np.all(row["labels"][a:b] == IGNORE)
+                continue
+            assert sid not in seen, f"conversation {sid} appears twice"
+            seen[sid] = r
+            ids, mask = convs[sid][0], np.asarray(convs[sid][1])
+            np.testing.assert_array_equal(row["input_ids"][a:b], ids)  # unchanged, contiguous
+            want = np.where(mask[1:] != 0, ids[1:], IGNORE)
+            np.testing.assert_array_equal(row["labels"][a : b - 1], want)
+            assert row["labels"][b - 1] == IGNORE
+        assert np.sum(row["seq_ids"] >= 0) <= cap
+    if expect_kept is not None:
+        assert sorted(seen) == sorted(expect_kept)
+    return seen
+
+
+def rows_equal(packed, ref):
+    assert len(packed) == len(ref)
+    for row, want in zip(packed, ref):
+        for k in ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens"):
+            np.testing.assert_array_equal(row[k], np.asarray(want[k]), err_msg=k)
+        assert row["max_seqlen"] == want["max_seqlen"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------------
+
+CAPS = [1, 2, 7, 63, 64, 65, 4095, 4096, 4097, 8193, 100_003, 300_000]
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("strategy", ["bfd", "ffs"])
+def test_plan_matches_reference(cap, strategy):
+    rng = np.random.default_rng(cap * 7 + len(strategy))
+    n = 250
+    kinds = [
+        rng.integers(1, int(cap * 1.2) + 2, n),  # uniform, some over-long
+        np.clip(np.rint(rng.lognormal(np.log(max(cap / 7, 1)), 0.9, n)), 1, None),  # chat-like
+        rng.choice([1, max(cap // 3, 1), max(cap // 2, 1), cap], n),  # many exact ties
+    ]
+    for k, lengths in enumerate(kinds):
+        lengths = lengths.astype(np.int64)
+        for seed in (0, 12345, -1):
+            plan = plan_bins(lengths, cap, strategy=strategy, seed=seed)
+            want = ref_plan(lengths.tolist(), cap, strategy, seed)
+            assert plan_as_lists(plan) == want, (k, seed)
+            assert np.all(plan.loads(lengths) <= cap)
+
+
+@pytest.mark.parametrize("cap", [5, 10, 97, 4096, 8193])
+def test_bin_count_against_brute_force(cap):
+    rng = np.random.default_rng(cap)
+    for trial in range(40):
+        n = int(rng.integers(1, 9))
+        lengths = rng.integers(1, cap + 1, n).tolist()
+        if trial % 2:  # big items make the instance hard for greedy packers
+            lengths = [max(1, min(cap, int(x))) for x in rng.integers(cap // 4, cap // 2 + 2, n)]
+        opt = brute_force_min_bins(lengths, cap)
+        bfd = plan_bins(lengths, cap, strategy="bfd", seed=trial)
+        ffs = plan_bins(lengths, cap, strategy="ffs", seed=trial)
+        assert len(bfd) == len(ref_plan(lengths, cap, "bfd", trial))
+        assert len(bfd) >= opt and len(ffs) >= opt
+        # Known worst cases: BFD <= 11/9 OPT + 6/9, first fit <= floor(1.7 OPT).
+        assert 9 * len(bfd) <= 11 * opt + 6
+        assert len(ffs) <= int(1.7 * opt)
+        for plan in (bfd, ffs):
+            assert np.all(plan.loads(lengths) <= cap)
+            assert sorted(plan.items.tolist()) == list(range(n))
+
+
+def test_brute_force_is_optimal_where_bfd_is_not():
+    # The classic case where decreasing best fit opens a third bin but two suffice.
+    lengths, cap = [4, 4, 3, 3, 3, 3], 10
+    assert brute_force_min_bins(lengths, cap) == 2
+    assert len(plan_bins(lengths, cap)) == 3
+
+
+def test_plan_is_deterministic_and_shuffled():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.rint(rng.lognormal(np.log(600), 0.8, 5000)), 1, 4096).astype(np.int64)
+    a = plan_bins(lengths, 4096, seed=3)
+    b = plan_bins(lengths, 4096, seed=3)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.items, b.items)
+    c = plan_bins(lengths, 4096, seed=4)
+    assert len(c) == len(a) and not np.array_equal(c.items, a.items)
+    # Unshuffled BFD emits bins whose first (longest) item never grows; shuffled bins must not.
+    first = lengths[a.items[a.offsets[:-1]]]
+    assert np.any(np.diff(first) > 0)
+    # Same multiset of bins whatever the seed: the shuffle only reorders rows.
+    assert sorted(map(tuple, plan_as_lists(a))) == sorted(map(tuple, plan_as_lists(c)))
+
+
+def test_plan_same_from_many_threads():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 9000, 20_000)
+    flat = flatten(make_convs(rng.integers(1, 300, 300), rng))
+    want = plan_bins(lengths, 8193, seed=7)
+    want_rows = materialize(flat, plan_bins(flat.lengths, 1000, seed=7))
+    with ThreadPoolExecutor(4) as ex:
+        plans = list(ex.map(lambda _: plan_bins(lengths, 8193, seed=7), range(8)))
+        packs = list(ex.map(lambda _: materialize(flat, plan_bins(flat.lengths, 1000, seed=7)), range(8)))
+    for p in plans:
+        np.testing.assert_array_equal(p.items, want.items)
+        np.testing.assert_array_equal(p.offsets, want.offsets)
+    for p in packs:
+        np.testing.assert_array_equal(p.input_ids, want_rows.input_ids)
+        np.testing.assert_array_equal(p.labels, want_rows.labels)
+
+
+def test_efficiency_on_chat_lengths():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.rint(rng.lognormal(np.log(600), 0.8, 20_000)), 1, 4096).astype(np.int64)
+    plan = plan_bins(lengths, 4096)
+    eff = lengths.sum() / (len(plan) * 4096)
+    assert eff >= 0.995, eff
+    # Within 0.5% of the trivial lower bound on the row count.
+    assert len(plan) <= np.ceil(lengths.sum() / 4096) * 1.005
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cap", [1, 3, 64, 257, 4096, 8193])
+@pytest.mark.parametrize("strategy", ["bfd", "ffs"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_rows_match_reference(cap, strategy, pad):
+    rng = np.random.default_rng(cap + 11 * pad)
+    lengths = np.clip(rng.integers(1, min(cap, 600) + max(cap // 10, 2), 120), 1, None)
+    convs = make_convs(lengths, rng)
+    pad_to = cap + 5 if pad else None
+    packed = pack(convs, cap, strategy=strategy, seed=99, pad_to=pad_to)
+    kept = [i for i, n in enumerate(lengths) if n <= cap]
+    check_rows(packed, convs, cap, pad_to, expect_kept=kept)
+    rows_equal(packed, ref_rows(convs, ref_plan(lengths.tolist(), cap, strategy, 99), pad_to))
+    s = packed.stats
+    assert s.rows == len(packed) and s.kept_conversations == len(kept)
+    assert s.dropped_conversations == len(lengths) - len(kept)
+    assert s.dropped_tokens == int(lengths[lengths > cap].sum())
+    assert s.real_tokens == int(lengths[lengths <= cap].sum())
+    assert s.efficiency == pytest.approx(s.real_tokens / (s.rows * cap))
+    assert s.pad_tokens == (s.rows * pad_to - s.real_tokens if pad else 0)
+
+
+def test_labels_never_cross_conversations():
+    convs = [(np.array([10, 11, 12]), np.array([1, 1, 1])), (np.array([20, 21]), np.array([1, 1]))]
+    packed = pack(convs, 5, seed=0)
+    assert len(packed) == 1
+    row = packed[0]
+    assert row["input_ids"].tolist() == [10, 11, 12, 20, 21]
+    # The first token of each conversation is nobody's target, even with a mask of 1.
+    assert row["labels"].tolist() == [11, 12, IGNORE, 21, IGNORE]
+    assert row["position_ids"].tolist() == [0, 1, 2, 0, 1]
+    assert row["seq_ids"].tolist() == [0, 0, 0, 1, 1]
+    assert row["cu_seqlens"].tolist() == [0, 3, 5] and row["max_seqlen"] == 3
+
+
+def test_padding_is_one_final_segment():
+    convs = [(np.array([1, 2]), np.array([0, 1]))]
+    row = pack(convs, 8, pad_to=16, overlong="error")[0]
+    assert row["cu_seqlens"].tolist() == [0, 2, 16]
+    assert row["max_seqlen"] == 14
+    assert row["seq_ids"].tolist() == [0, 0] + [-1] * 14
+    assert row["labels"].tolist() == [2] + [IGNORE] * 15
+    assert row["position_ids"][2:].tolist() == list(range(14))
+    full = pack([(np.arange(1, 9), np.ones(8, int))], 8, pad_to=8)[0]
+    assert full["cu_seqlens"].tolist() == [0, 8]  # a full row has no padding segment
+    with pytest.raises(ValueError, match="pad_to"):
+        pack(convs, 8, pad_to=7)
+
+
+def test_input_types_and_int32_rows():
+    rng = np.random.default_rng(5)
+    convs = make_convs([5, 9, 3, 7], rng)
+    want = pack(convs, 12, seed=1)
+    variants = [
+        [(torch.from_numpy(a), torch.from_numpy(m).bool()) for a, m in convs],
+        [(a.astype(np.int32), m.astype(np.uint8)) for a, m in convs],
+        [(a.tolist(), m.tolist()) for a, m in convs],
+        tuple((a, m.astype(bool)) for a, m in convs),
+        iter(convs),
+    ]
+    for v in variants:
+        got = pack(v, 12, seed=1)
+        np.testing.assert_array_equal(got.input_ids, want.input_ids)
+        np.testing.assert_array_equal(got.labels, want.labels)
+    small = materialize(flatten(convs), want.plan, dtype=np.int32)
+    assert small.input_ids.dtype == np.int32
+    for k in ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens"):
+        np.testing.assert_array_equal(getattr(small, k), getattr(want, k))
+    big = [(np.array([1, 2**31]), np.array([0, 1]))]
+    with pytest.raises(ValueError, match="int32"):
+        materialize(flatten(big), plan_bins([2], 4), dtype=np.int32)
+
+
+def test_rows_slice_and_preallocated_buffers():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 500, 400)
+    flat = flatten(make_convs(lengths, rng))
+    plan = plan_bins(flat.lengths, 1024, seed=2)
+    whole = materialize(flat, plan)
+    buf = row_buffers(plan, flat.lengths, rows=7)
+    for a in range(0, len(plan), 7):
+        part = materialize(flat, plan, rows=slice(a, a + 7), out=buf)
+        assert part.input_ids.base is not None  # a view of the buffer: no allocation
+        for r in range(len(part)):
+            for k, v in part[r].items():
+                np.testing.assert_array_equal(v, whole[a + r][k], err_msg=k)
+    padbuf = row_buffers(plan, pad_to=1024, rows=3)
+    part = materialize(flat, plan, rows=slice(0, 3), pad_to=1024, out=padbuf)
+    assert part.input_ids.shape == (3 * 1024,)
+    with pytest.raises(ValueError, match="elements"):
+        materialize(flat, plan, out=buf)  # too small for every row
+    with pytest.raises(ValueError, match="int32"):
+        materialize(flat, plan, dtype=np.int32, out=row_buffers(plan, flat.lengths))
+
+
+def test_to_torch():
+    row = pack([([1, 2, 3], [0, 1, 1]), ([4, 5], [1, 1])], 8)[0]
+    t = to_torch(row, "cpu")
+    assert t["input_ids"].dtype == torch.int64 and t["cu_seqlens"].dtype == torch.int32
+    assert isinstance(t["max_seqlen"], int) and t["max_seqlen"] == 3
+    assert torch.equal(t["labels"], torch.from_numpy(row["labels"]))
+    flat = flatten([([1, 2, 3], [0, 1, 1])])
+    small = materialize(flat, plan_bins(flat.lengths, 4), dtype=np.int32)[0]
+    t32 = to_torch(small, "cpu", dtype=torch.int64)
+    assert t32["labels"].dtype == torch.int64 and t32["cu_seqlens"].dtype == torch.int32
+    assert t32["labels"].tolist() == [2, 3, IGNORE]
+
+
+# --------------------------------------------------------------------------------------------------
+# Over-long conversations
+# --------------------------------------------------------------------------------------------------
+
+
+def test_overlong_drop_and_error():
+    convs = [([1] * 5, [1] * 5), ([2] * 11, [1] * 11), ([3] * 10, [0] * 10), ([4] * 12, [1] * 12)]
+    packed = pack(convs, 10)
+    assert packed.stats.dropped_conversations == 2 and packed.stats.dropped_tokens == 23
+    assert sorted(set(packed.seq_ids.tolist())) == [0, 2]
+    with pytest.raises(ValueError, match=r"conversation 1 has 11 tokens"):
+        pack(convs, 10, overlong="error")
+    with pytest.raises(ValueError, match="overlong"):
+        pack(convs, 10, overlong="split")
+
+
+def test_exchanges():
+    m = np.array([0, 0, 1, 1, 0, 1, 0, 0, 1, 0])  # trailing user turn joins the final exchange
+    assert exchange_starts(m).tolist() == [0, 4, 6]
+    assert exchange_starts(np.array([1, 1, 0, 1])).tolist() == [0, 2]  # agent speaks first
+    assert exchange_starts(m, system_len=3).tolist() == [3, 4, 6]
+    assert truncate_turns(m, 10) == [(0, 10)]
+    assert truncate_turns(m, 6) == [(4, 10)]
+    assert truncate_turns(m, 5) == [(6, 10)]
+    assert truncate_turns(m, 7, system_len=2) == [(0, 2), (6, 10)]
+    assert truncate_turns(m, 3) is None
+
+
+def test_truncate_turns_in_pack():
+    sys_ids, sys_mask = [100, 101], [0, 0]
+    ex = lambda u, a, base: ([base + k for k in range(u + a)], [0] * u + [1] * a)  # noqa: E731
+    parts = [ex(3, 2, 10), ex(2, 3, 20), ex(2, 2, 30)]  # 5 + 5 + 4 tokens after a 2-token system turn
+    ids = sys_ids + sum((p[0] for p in parts), [])
+    mask = sys_mask + sum((p[1] for p in parts), [])
+    short = ([7, 8, 9], [0, 1, 1])
+    convs = [(ids, mask, 2), short, (ids, mask)]  # 16 tokens; without system_len the turn is lost
+    packed = pack(convs, 11, overlong="truncate_turns", seed=0)
+    got = {}
+    for row in packed:
+        for a, b in zip(row["cu_seqlens"][:-1], row["cu_seqlens"][1:]):
+            got[int(row["seq_ids"][a])] = (row["input_ids"][a:b].tolist(), row["labels"][a:b].tolist())
+    # With system_len=2: system turn + the last two exchanges (2 + 5 + 4 = 11 tokens).
+    assert got[0][0] == [100, 101] + parts[1][0] + parts[2][0]
+    # The kept system turn ends in an untrained token; labels follow the truncated sequence.
+    assert got[0][1][:3] == [IGNORE, IGNORE, IGNORE]
+    # Without it: the oldest exchange (which starts with the "system" tokens) goes first.
+    assert got[2][0] == parts[1][0] + parts[2][0]
+    assert got[1][0] == [7, 8, 9]
+    s = packed.stats
+    assert s.truncated_conversations == 2 and s.truncated_tokens == 5 + 7
+    assert s.dropped_conversations == 0 and s.real_tokens == 11 + 3 + 9
+    # Too long even as system + final exchange: dropped and counted at full length.
+    dropped = pack(convs, 3, overlong="truncate_turns")
+    assert dropped.stats.dropped_conversations == 2 and dropped.stats.dropped_tokens == 32
+    assert dropped.stats.truncated_conversations == 0
+    check_rows(dropped, convs, 3, expect_kept=[1])
+    # At 5 tokens the protected system turn no longer fits with the final exchange (2 + 4).
+    mixed = pack(convs, 5, overlong="truncate_turns").stats
+    assert (mixed.dropped_conversations, mixed.dropped_tokens) == (1, 16)
+    assert (mixed.truncated_conversations, mixed.truncated_tokens) == (1, 12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+GOOD = (np.array([1, 2, 3]), np.array([0, 1, 1]))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ((np.array([1, 2, 3]), np.array([0, 1])), "conversation 2: loss_mask has length 2"),
+        ((np.array([1, -2, 3]), np.array([0, 1, 1])), "conversation 2: negative token id -2"),
+        ((np.array([1.0, 2.0, 3.0]), np.array([0, 1, 1])), "conversation 2: input_ids must be integers"),
+        ((np.array([1, 2, 3]), np.array([0.0, 1.0, 1.0])), "conversation 2: loss_mask must be bool"),
+        ((np.array([1, 2, 3]), np.array([0, 2, 1])), "conversation 2: loss_mask values must be 0 or 1"),
+        ((np.array([[1, 2, 3]]), np.array([[0, 1, 1]])), "conversation 2: .* 1-D"),
+        ((np.array([], dtype=np.int64), np.array([], dtype=np.int64)), "conversation 2: is empty"),
+        ((np.array([1, 2**63 + 5], dtype=np.uint64), np.array([0, 1])), "conversation 2: .*int64"),
+        ((np.array([1, 2, 3]),), "conversation 2: expected an"),
+    ],
+)
+def test_bad_input_names_the_conversation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        pack([GOOD, GOOD, bad, bad], 8)
+
+
+@pytest.mark.parametrize("max_tokens", [0, -3, 2.5, "8", (1 << 24) + 1])
+def test_bad_max_tokens(max_tokens):
+    with pytest.raises(ValueError, match="max_tokens"):
+        pack([GOOD], max_tokens)
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan_bins([3], max_tokens)
+
+
+def test_bad_options_and_plans():
+    with pytest.raises(ValueError, match="strategy"):
+        pack([GOOD], 8, strategy="greedy")
+    with pytest.raises(ValueError, match="conversation 1: length 0"):
+        plan_bins([3, 0], 8)
+    flat = flatten([GOOD])
+    broken = packer_module.BinPlan(np.array([0, 1]), np.array([5]), 8, "bfd", 0)
+    with pytest.raises(ValueError, match="conversation 5"):
+        materialize(flat, broken)  # out-of-range index is caught before any read
+    tight = packer_module.BinPlan(np.array([0, 2]), np.array([0, 0]), 4, "bfd", 0)
+    with pytest.raises(ValueError, match="pad_to"):
+        materialize(flat, tight, pad_to=4)
+
+
+def test_empty_input():
+    packed = pack([], 16)
+    assert len(packed) == 0 and packed.stats.rows == 0 and packed.stats.efficiency == 0.0
+
+
+def test_missing_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(packer_module, "_EXT", None)
+    monkeypatch.setitem(sys.modules, "refit_fast._packing", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install -e ."):
+        pack([GOOD], 8)
+    import refit_fast.packing  # noqa: F401  (importing the package itself never needs it)
+
+
+def test_flat_input_is_accepted():
+    rng = np.random.default_rng(9)
+    convs = make_convs([4, 6, 8], rng)
+    flat = flatten(convs)
+    assert isinstance(flat, FlatConversations) and flatten(flat) is flat
+    a, b = pack(flat, 10, seed=3), pack(convs, 10, seed=3)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    ids, mask = flat.conversation(1)
+    np.testing.assert_array_equal(ids, convs[1][0])
+
+
+@pytest.mark.parametrize("module", [packer_module, turns_module], ids=["packer", "turns"])
+def test_docstring_examples(module):
+    import doctest
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_reference_self_check():
+    # The references must be able to fail: a wrong tie rule or shuffle changes the plan.
+    lengths = [3, 3, 2, 2, 1, 1, 4, 4]
+    assert ref_plan(lengths, 5, "bfd", 0) != ref_plan(lengths, 5, "bfd", 1)
+    assert len(list(itertools.chain(*ref_plan(lengths, 5, "ffs", 0)))) == len(lengths)
