@@ -1,0 +1,200 @@
+"""Resumable checkpoints, written atomically, and the final ``save_pretrained`` model.
+
+A checkpoint is a folder ``checkpoint-{step}``::
+
+    model.safetensors (+ config.json)   the weights, via save_pretrained (loadable with from_pretrained)
+    optimizer.pt, scheduler.pt          torch state dicts
+    rng-rank{r}.pt                      Python, NumPy and torch (CPU + CUDA) RNG states of every rank
+    trainer_state.json                  step, epoch, position in the epoch's bin plan; written last
+
+It is written to ``checkpoint-{step}.tmp`` and renamed with ``os.replace`` once complete, so a crash
+mid-write leaves only a ``.tmp`` folder that :func:`latest_checkpoint` ignores (and the next save
+removes); the previous checkpoint is untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+__all__ = [
+    "quiet_transformers",
+    "save_pretrained_quietly",
+    "capture_rng",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_weights",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest first.
+
+    Example:
+        >>> list_checkpoints("/nonexistent")
+        []
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    out = []
+    for name in os.listdir(output_dir):
+        m = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The path of the newest complete checkpoint, or None."""
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def capture_rng() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars ("Writing model shards", "Loading weights") inside the block:
+    they would print a line for every checkpoint. The previous setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_pretrained_quietly(model, path: str, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained(path)`` in safetensors, without the progress bar."""
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    with quiet_transformers():
+        model.save_pretrained(path, safe_serialization=True, **kwargs)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: str, step: int, *, hf_model, model_state: dict | None, optimizer_state: dict,
+                    scheduler_state: dict, trainer_state: dict, rank: int, world_size: int, keep_last: int,
+                    barrier=None) -> str | None:
+    """Write ``checkpoint-{step}`` atomically; returns its path on rank 0 (None elsewhere).
+
+    Rank 0 writes model, optimizer and scheduler state (``model_state`` overrides the module's own
+    state dict, e.g. a full state dict gathered from FSDP shards); every rank writes its RNG state.
+    ``barrier`` (a callable) separates the phases under torch.distributed. Older checkpoints beyond
+    ``keep_last`` are deleted after the new one is in place.
+    """
+    barrier = barrier or (lambda: None)
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    barrier()
+    torch.save(capture_rng(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    if rank == 0:
+        save_pretrained_quietly(hf_model, tmp, model_state)
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler_state, os.path.join(tmp, "scheduler.pt"))
+    barrier()
+    if rank == 0:
+        state = dict(trainer_state, step=step, world_size=world_size)
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # re-saving the same step: move the old one aside first
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        for _, path in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    barrier()
+    return final if rank == 0 else None
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load ``save_pretrained`` safetensors weights (one file or an index of shards) into ``model``.
+
+    Tied weights that ``save_pretrained`` left out (e.g. ``lm_head.weight`` = the embedding) are fine;
+    any other missing or unexpected key raises.
+    """
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        raise FileNotFoundError(f"{path} has no model.safetensors (or index): not a save_pretrained folder")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases = _aliases(model)
+    missing = [k for k in missing if not any(a in state for a in aliases.get(k, ()))]
+    if missing or unexpected:
+        raise RuntimeError(f"weights in {path} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """For every tied parameter name, the other names of the same tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: [m for m in names if m != n] for names in groups.values() if len(names) > 1 for n in names}

@@ -1,0 +1,58 @@
+"""``refit-fast train CONFIG.yaml [key=value ...]``: train from a YAML config with dotted overrides.
+
+    refit-fast train examples/tiny_llama_refit.yaml optim.lr=3e-4 steps=200
+    torchrun --nproc_per_node=2 -m refit_fast.train examples/tiny_llama_refit.yaml distributed=fsdp
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: refit-fast train CONFIG.yaml [key=value ...]
+
+Train a policy on logged conversations (sft, filtered_sft, refit, swift or dpo).
+Overrides use dotted keys, values in YAML syntax, e.g.
+
+  refit-fast train run.yaml algorithm=swift optim.lr=1e-4 batch.max_tokens=2048 resume=true
+
+Multi-process: torchrun --nproc_per_node=K -m refit_fast.train run.yaml [key=value ...]
+(DDP by default, distributed=fsdp for FSDP2; NCCL on GPU, gloo on CPU).
+Writes OUTPUT_DIR/metrics.jsonl, checkpoint-STEP/ folders and OUTPUT_DIR/final (save_pretrained)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    path, overrides = argv[0], argv[1:]
+    if "=" in path:
+        print(f"refit-fast train: the first argument must be the YAML config, got {path!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+
+    from refit_fast.train.config import ConfigError, load_config
+    from refit_fast.train.loop import NonFiniteLossError, train
+
+    try:
+        cfg = load_config(path, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"refit-fast train: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except (ConfigError, NonFiniteLossError) as e:
+        print(f"refit-fast train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        _destroy_process_group()
+    if result.losses and os.environ.get("RANK", "0") == "0":
+        print(f"done: {len(result.losses)} steps, last loss {result.losses[-1]:.4f}; "
+              f"final model: {result.final_model_path or '(not saved)'}")
+    return 0
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

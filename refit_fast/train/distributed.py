@@ -1,0 +1,116 @@
+"""torchrun environment, process group, and the DDP / FSDP2 wrappers.
+
+Under ``torchrun --nproc_per_node=K`` the env vars RANK, WORLD_SIZE and LOCAL_RANK are set; the
+process group uses NCCL on CUDA and gloo on CPU. Without them everything runs in one process and no
+wrapper is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "setup_distributed", "wrap_model", "unwrap", "all_reduce_sum", "barrier"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when single-process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistEnv:
+    """Read torchrun's environment and initialise the process group once (later calls reuse it).
+
+    Example:
+        >>> env = setup_distributed("cpu")      # no torchrun: a single process
+        >>> env.rank, env.world_size, env.backend
+        (0, 1, None)
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but CUDA is not available")
+    if use_cuda:
+        dev = torch.device(device if ":" in device else f"cuda:{local_rank}")
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return DistEnv(0, 1, 0, dev, None)
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """In-place sum over ranks (no-op in one process)."""
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def wrap_model(lm: torch.nn.Module, env: DistEnv, mode: str = "ddp"):
+    """Wrap for data parallelism; returns ``(module_to_call, no_sync)`` where ``no_sync(skip)`` is a
+    context manager that skips the gradient all-reduce when ``skip`` is True (all micro-steps but the
+    last). Both engines *average* gradients over ranks; the trainer scales each micro-batch loss by
+    ``world_size`` so the result is the sum, i.e. the gradient of the global step objective.
+    """
+    if not env.distributed:
+        return lm, lambda skip: contextlib.nullcontext()
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        ddp = DDP(lm, device_ids=ids)
+        return ddp, lambda skip: ddp.no_sync() if skip else contextlib.nullcontext()
+    if mode == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as e:  # torch < 2.6
+            raise RuntimeError(f"distributed=fsdp needs torch.distributed.fsdp.fully_shard (FSDP2); torch {torch.__version__} lacks it") from e
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from refit_fast.model import base_model
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for layer in getattr(base_model(lm.model), "layers", []):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(lm, mesh=mesh)
+
+        @contextlib.contextmanager
+        def no_sync(skip):
+            lm.set_requires_gradient_sync(not skip)
+            try:
+                yield
+            finally:
+                lm.set_requires_gradient_sync(True)
+
+        return lm, no_sync
+    raise ValueError(f"unknown distributed mode {mode!r}")
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") and hasattr(module, "no_sync") else module

@@ -1,0 +1,535 @@
+"""The training loop, top to bottom: config, data, model, optimizer, distributed wrap, schedule, loop,
+checkpoint. Objectives live in objectives.py, the step plan in data.py, checkpoint files in
+checkpoint.py, logging in metrics.py.
+
+    from refit_fast.train import train
+    result = train("examples/tiny_llama_refit.yaml", ["optim.lr=3e-4"])
+    sft = train({...config dict...})
+    refit = train({..., "algorithm": "refit", "model": {"init_from": sft.final_model_path}})
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from refit_fast.packing import to_torch
+from refit_fast.train import checkpoint as ckpt
+from refit_fast.train.config import ConfigError, TrainConfig, load_config
+from refit_fast.train.data import (
+    Schedule,
+    TrainData,
+    assign_rows,
+    dpo_pairs,
+    filter_top,
+    make_units,
+    materialize_rows,
+)
+from refit_fast.train.distributed import all_reduce_sum, barrier, setup_distributed, unwrap, wrap_model
+from refit_fast.train.metrics import MetricsLogger, peak_memory_mb
+from refit_fast.train.objectives import PackedCausalLM, micro_batch_loss, sequence_logps, step_stats
+
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+
+SMALL_MODEL = 20_000_000  # parameters; below this, CPU training uses one thread unless cpu_threads says otherwise
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) of a step was NaN or inf; raised before the optimizer step, so the
+    model, optimizer and the last checkpoint are untouched."""
+
+    def __init__(self, step: int, what: str, value: float, last_checkpoint: str | None):
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"step {step}: {what} is {value}; stopping before the optimizer step ({where}). "
+            "Lower optim.lr, enable optim.grad_clip, or check the rewards for extreme values."
+        )
+        self.step, self.what, self.value, self.last_checkpoint = step, what, value, last_checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns. ``losses[k]`` is the loss of step ``steps_run[k]`` (1-based)."""
+
+    output_dir: str
+    final_model_path: str | None
+    losses: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    steps_run: list[int] = field(default_factory=list)
+    total_steps: int = 0
+    last_checkpoint: str | None = None
+    tokenizer: object | None = None
+    config: TrainConfig | None = None
+    data_report: str = ""
+
+
+def train(config, overrides=None, *, on_step=None) -> TrainResult:
+    """Train a policy on logged conversations; returns a :class:`TrainResult`.
+
+    ``config``: a YAML path, a nested dict, or a :class:`TrainConfig`; ``overrides``: ``["optim.lr=1e-4"]``
+    or ``{"optim.lr": 1e-4}``. ``on_step(metrics) -> bool``: called on every rank after each step;
+    returning True stops the run there, after writing a checkpoint (it must answer the same on every
+    rank). Callable many
+    times in one process (e.g. SFT, then each method from the SFT model via ``model.init_from``).
+
+    Example:
+        >>> result = train({"algorithm": "sft", "output_dir": "runs/sft", "data": {"path": "logs.jsonl"},
+        ...                 "model": {"config": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+        ...                 "intermediate_size": 128, "num_attention_heads": 4}}, "tokenizer": "word",
+        ...                 "steps": 50, "optim": {"lr": 1e-3}})                  # doctest: +SKIP
+        >>> swift = train(result.config.replace(algorithm="swift", output_dir="runs/swift",
+        ...               **{"model.init_from": result.final_model_path}))      # doctest: +SKIP
+    """
+    cfg = load_config(config, overrides)
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        return _train(cfg, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, on_step) -> TrainResult:
+    t_start = time.perf_counter()
+
+    # ---- processes, devices, seeds ----
+    env = setup_distributed(cfg.device)
+    device = env.device
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+    amp_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    out_dir = cfg.output_dir
+    _prepare_output_dir(cfg, env)
+
+    # ---- data and tokenizer ----
+    convs, tokenizer, report = _load_data(cfg)
+    data = TrainData.from_tokenized(convs)
+    if cfg.algorithm == "filtered_sft":
+        data = data.subset(filter_top(data.rewards, cfg.objective.filter_top_fraction, cfg.objective.filter_min_reward))
+    pairs = None
+    if cfg.algorithm == "dpo":
+        pairs = dpo_pairs(data.rewards, data.prompt_keys, cfg.objective.dpo_pairs, data.content_keys())
+    if pairs is not None and len(pairs) == 0:
+        raise ValueError("dpo: no pair of different conversations with the same prompt and different rewards in the data")
+    rows_per_step = env.world_size * cfg.batch.grad_accum
+    schedule = Schedule(data, *make_units(data, pairs), max_tokens=cfg.batch.max_tokens, rows_per_step=rows_per_step,
+                        seed=cfg.seed, strategy=cfg.batch.strategy, steps=cfg.steps, epochs=cfg.epochs)
+    if schedule.dropped_units and cfg.data.overlong == "error":
+        raise ValueError(f"{schedule.dropped_units} training units are longer than batch.max_tokens={cfg.batch.max_tokens}")
+    unit = "pairs" if pairs is not None else "conversations"
+    n_units = len(schedule.unit_lengths)
+    summary = (f"{cfg.algorithm}: {n_units - schedule.dropped_units} {unit} "
+               f"({schedule.dropped_units} over max_tokens dropped), {schedule.total_steps} steps of "
+               f"{env.world_size}x{cfg.batch.grad_accum} rows x {cfg.batch.max_tokens} tokens")
+
+    # ---- model ----
+    model = _build_model(cfg, tokenizer, device)
+    _check_vocab(model, data, tokenizer)
+    if device.type == "cpu" and cfg.cpu_threads == 0 and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        # Tiny models are overhead-bound: extra intra-op threads only add barriers, and on a busy
+        # machine a descheduled OpenMP thread made steps ~50x slower (560 ms vs 10 ms measured).
+        torch.set_num_threads(1)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = PackedCausalLM(model)
+    ref = _reference_logps(lm, schedule, pairs, env, autocast) if pairs is not None else None
+    model.train()
+
+    # ---- resume: weights before wrapping, optimizer and RNG after ----
+    start_step, resume_from = 0, None
+    if cfg.resume:
+        resume_from = ckpt.latest_checkpoint(out_dir)
+    trainer_state = {}
+    if resume_from is not None:
+        trainer_state = _read_state(resume_from)
+        if trainer_state.get("rows_per_step", rows_per_step) != rows_per_step:
+            raise ConfigError(f"resume: {resume_from} was written with world_size x grad_accum = "
+                              f"{trainer_state['rows_per_step']}, now {rows_per_step}; the data plan would differ")
+        ckpt.load_weights(model, resume_from)
+        start_step = int(trainer_state["step"])
+
+    # ---- optimizer, schedule, distributed wrap ----
+    wrapped, no_sync = wrap_model(lm, env, cfg.distributed)
+    optimizer = _make_optimizer(cfg, lm, device)
+    lr_lambda = _lr_lambda(cfg.optim.warmup_steps, schedule.total_steps, cfg.optim.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    if resume_from is not None:
+        _load_optimizer(resume_from, lm, optimizer, cfg, env)
+        scheduler.load_state_dict(torch.load(os.path.join(resume_from, "scheduler.pt"), weights_only=False))
+        rng_file = os.path.join(resume_from, f"rng-rank{env.rank}.pt")
+        ckpt.restore_rng(torch.load(rng_file if os.path.exists(rng_file) else os.path.join(resume_from, "rng-rank0.pt"),
+                                    weights_only=False))
+
+    logger = MetricsLogger(out_dir, total_steps=schedule.total_steps, start_step=start_step, every=cfg.log.every,
+                           progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, quiet=cfg.log.quiet,
+                           enabled=env.is_main)
+    logger.print(summary + (f"; resuming from {resume_from}" if resume_from else ""))
+    result = TrainResult(out_dir, None, total_steps=schedule.total_steps, last_checkpoint=resume_from,
+                         tokenizer=tokenizer, config=cfg, data_report=report)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    world = env.world_size
+    rewards_all = torch.as_tensor(data.rewards, dtype=torch.float32)
+    ref_all = torch.as_tensor(ref, dtype=torch.float32) if ref is not None else None
+
+    # ---- the loop ----
+    try:
+        for step in range(start_step, schedule.total_steps):
+            t0 = time.perf_counter()
+            sb = schedule.step_batch(step)
+            conv = np.concatenate(sb.items)
+            stats = step_stats(data.rewards[conv], data.trained[conv], len(sb.units),
+                               "sequence" if pairs is not None else cfg.objective.normalize)
+            mine = assign_rows(sb.loads, world)[env.rank]
+            n_micro = math.ceil(len(sb.rows) / world)  # the same on every rank; short ranks run an empty row
+            packed = materialize_rows(data, [sb.items[k] for k in mine], cfg.batch.max_tokens)
+            loss_sum = torch.zeros((), device=device)
+            dpo_z = []
+            for i in range(n_micro):
+                with no_sync(i < n_micro - 1):
+                    with autocast():
+                        if i < len(mine):
+                            row, k = _row_tensors(packed[i], device), mine[i]
+                            items = torch.from_numpy(sb.items[k])
+                            loss_mb, z = micro_batch_loss(
+                                wrapped, row, cfg.algorithm, stats,
+                                rewards_local=rewards_all[items].to(device),
+                                swift_eps=cfg.objective.swift_eps,
+                                ref_logps=ref_all[torch.from_numpy(sb.rows[k])].reshape(-1).to(device) if ref_all is not None else None,
+                                dpo_beta=cfg.objective.dpo_beta,
+                            )
+                            if z is not None:
+                                dpo_z.append(z)
+                        else:
+                            loss_mb = _empty_row_loss(wrapped, device)
+                    # DDP/FSDP average gradients over ranks; x world turns the average into the sum.
+                    (loss_mb * world if world > 1 else loss_mb).backward()
+                loss_sum += loss_mb.detach().float()
+
+            # One all-reduce per step for everything logged (loss and DPO counts).
+            z = torch.cat(dpo_z) if dpo_z else torch.zeros(0, device=device)
+            totals = all_reduce_sum(torch.stack([loss_sum, (z > 0).sum().float(), z.sum().float()]), env)
+            loss = float(totals[0])
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(step + 1, "the loss", loss, result.last_checkpoint)
+            grad_norm = _grad_norm(params, max_norm)
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(step + 1, "the gradient norm", grad_norm, result.last_checkpoint)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            tokens = int(sb.loads.sum())
+            m = {
+                "step": done, "epoch": sb.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": tokens, "trained_tokens": stats.n_tokens, "rows": len(sb.rows),
+                "conversations": int(len(conv)), "packing_efficiency": tokens / (len(sb.rows) * cfg.batch.max_tokens),
+                "reward_mean": stats.reward_mean, "reward_std": stats.reward_std,
+                "reward_min": stats.reward_min, "reward_max": stats.reward_max,
+                **_weight_stats(cfg, stats),
+                "step_time": dt, "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                "elapsed": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb(device),
+            }
+            if pairs is not None:
+                m["pairs"] = stats.n_units
+                m["dpo_accuracy"] = float(totals[1]) / max(stats.n_units, 1)
+                m["dpo_margin"] = float(totals[2]) / max(stats.n_units, 1)
+            logger.log(m)
+            result.losses.append(loss)
+            result.metrics.append(m)
+            result.steps_run.append(done)
+
+            stop = bool(on_step(m)) if on_step is not None else False
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == schedule.total_steps or stop:
+                state = {"epoch": sb.epoch, "index_in_epoch": sb.index_in_epoch + 1, "rows_per_step": rows_per_step,
+                         "total_steps": schedule.total_steps, "loss": loss}
+                result.last_checkpoint = _save(cfg, env, lm, optimizer, scheduler, done, state) or result.last_checkpoint
+            if stop:
+                break
+
+        # ---- final model ----
+        if cfg.checkpoint.save_final and (not result.steps_run or result.steps_run[-1] == schedule.total_steps):
+            result.final_model_path = _save_final(cfg, env, lm, tokenizer)
+            logger.print(f"saved the final model to {result.final_model_path}")
+    finally:
+        logger.close()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers (in the order the loop uses them)
+# ------------------------------------------------------------------------------------------------
+
+
+def _prepare_output_dir(cfg: TrainConfig, env) -> None:
+    out = cfg.output_dir
+    existing = ckpt.list_checkpoints(out)  # every rank checks, so every rank raises the same error
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(
+            f"output_dir {out} already holds {existing[-1][1]}; pass resume=true to continue it, "
+            "overwrite=true to start over, or use a new output_dir"
+        )
+    if env.is_main:
+        os.makedirs(out, exist_ok=True)
+        if existing and not cfg.resume:
+            for _, path in existing:
+                shutil.rmtree(path)
+        for name in sorted(os.listdir(out)):  # leftovers of a save that crashed mid-write
+            path = os.path.join(out, name)
+            if name.startswith("checkpoint-") and name.endswith(".old") and not os.path.exists(path[:-4]):
+                os.replace(path, path[:-4])  # crashed between the two renames of a re-save: it is the only copy
+            elif name.startswith("checkpoint-") and name.endswith((".tmp", ".old")):
+                shutil.rmtree(path, ignore_errors=True)
+        if not cfg.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))  # a fresh run starts a fresh history
+        import yaml
+
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    barrier(env)
+
+
+def _load_data(cfg: TrainConfig):
+    """(tokenized conversations, tokenizer or None, report text)."""
+    from refit_fast.data import TokenizedConversation, load_conversations, tokenize_conversations
+
+    d = cfg.data
+    convs, report = load_conversations(d.path, messages_key=d.messages_key, reward_key=d.reward_key, id_key=d.id_key)
+    if not convs:
+        raise ValueError(f"no usable conversation in {d.path!r}:\n{report.summary()}")
+    pretokenized = all(c.is_tokenized for c in convs)
+    tokenizer = _resolve_tokenizer(cfg, convs, pretokenized)
+    if tokenizer is None:
+        if not pretokenized:
+            raise ConfigError("tokenizer: none, but the data has messages (not input_ids); set tokenizer: word or a path")
+        out = []
+        for c in convs:
+            mask = c.loss_mask.copy()
+            mask[0] = 0  # position 0 has no preceding token to predict it from
+            out.append(TokenizedConversation(c.id, c.input_ids, mask, c.reward, c.prompt_key))
+        return out, None, report.summary()
+    out, report = tokenize_conversations(convs, tokenizer, progress=False, report=report)
+    if not out:
+        raise ValueError(f"no conversation survived tokenization:\n{report.summary()}")
+    return out, tokenizer, report.summary()
+
+
+def _has_tokenizer(path: str | None) -> bool:
+    return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _resolve_tokenizer(cfg: TrainConfig, convs, pretokenized: bool):
+    t = cfg.tokenizer
+    if t.kind == "none":
+        return None
+    if t.kind == "path":
+        return _load_tokenizer(t.path)
+    if t.kind == "auto":
+        for path in (cfg.model.init_from, cfg.model.path):
+            if _has_tokenizer(path):
+                return _load_tokenizer(path)
+        if pretokenized:
+            return None
+    from refit_fast.data import build_word_tokenizer
+
+    texts = (m["content"] for c in convs if c.messages for m in c.messages)
+    return build_word_tokenizer(texts)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _build_model(cfg: TrainConfig, tokenizer, device):
+    from refit_fast.model import build_model_from_config, load_model
+
+    m = cfg.model
+    source = m.init_from or m.path
+    if source:
+        with ckpt.quiet_transformers():
+            model = load_model(source, attn_backend=m.attn_backend, dtype=torch.float32, local_files_only=True)
+    else:
+        conf = dict(m.config)
+        if "vocab_size" not in conf:
+            if tokenizer is None:
+                raise ConfigError("model.config needs vocab_size when the data is pre-tokenized and there is no tokenizer")
+            conf["vocab_size"] = len(tokenizer)
+        model = build_model_from_config(conf, seed=cfg.seed, attn_backend=m.attn_backend)
+    return model.to(device)
+
+
+def _check_vocab(model, data: TrainData, tokenizer) -> None:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}; "
+                          "raise model.config.vocab_size (or leave it out to use the tokenizer's size)")
+    top = int(data.flat.input_ids.max()) if data.flat.input_ids.size else -1
+    if top >= vocab:
+        raise ConfigError(f"token id {top} in the data is outside the model's vocabulary of {vocab}")
+
+
+@torch.no_grad()
+def _reference_logps(lm, schedule: Schedule, pairs, env, autocast) -> np.ndarray:
+    """log pi_ref of both sides of every DPO pair ([P, 2]), with the initial model, packed exactly as
+    epoch 0 packs them (the bins' contents do not change between epochs, only their order)."""
+    was_training = lm.training
+    lm.eval()
+    plan = schedule.plan(0)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=env.device)
+    items_of = lambda u: schedule.unit_items[schedule.unit_offsets[u]:schedule.unit_offsets[u + 1]]  # noqa: E731
+    mine = list(range(env.rank, len(plan), env.world_size))
+    for lo in range(0, len(mine), 64):
+        bins = [plan[b] for b in mine[lo:lo + 64]]
+        packed = materialize_rows(schedule.data, [np.concatenate([items_of(u) for u in b]) for b in bins],
+                                  schedule.max_tokens)
+        for j, units in enumerate(bins):
+            row = _row_tensors(packed[j], env.device)
+            with autocast():
+                per_token = lm(row["input_ids"], row["position_ids"], row["cu_seqlens"], row["max_seqlen"],
+                               row["labels"], row["seq_ids"], reduction="none")
+            logps = sequence_logps(per_token.double(), row["seq_ids"], 2 * len(units))
+            out[torch.from_numpy(units).to(env.device)] = logps.view(-1, 2)
+    all_reduce_sum(out, env)
+    lm.train(was_training)
+    return out.cpu().numpy()
+
+
+def _read_state(path: str) -> dict:
+    import json
+
+    with open(os.path.join(path, ckpt.STATE_FILE)) as f:
+        return json.load(f)
+
+
+def _make_optimizer(cfg: TrainConfig, lm, device):
+    o = cfg.optim
+    params = [p for p in lm.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+    # Weight decay on matrices only (nanoGPT's rule): norms and biases are not decayed.
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at the last step."""
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        span = max(1, total - warmup - 1)
+        progress = min(1.0, (s - warmup) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _row_tensors(row: dict, device) -> dict:
+    """Torch tensors of a packed row, with seq_ids made *local*: segment j of the row is conversation
+    j of the row (the packer's seq_ids index the whole data set)."""
+    cu = row["cu_seqlens"]
+    local = np.repeat(np.arange(len(cu) - 1, dtype=np.int64), np.diff(cu))
+    t = to_torch(row, device)
+    t["seq_ids"] = torch.from_numpy(local).to(device)
+    return t
+
+
+def _empty_row_loss(wrapped, device):
+    """A zero loss through every parameter, for a rank that has no row in this micro-step (the last
+    step of an epoch can have fewer rows than ranks x grad_accum): DDP needs every rank to run the
+    same number of backward passes, with every parameter in the graph."""
+    ids = torch.zeros(1, dtype=torch.long, device=device)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    labels = torch.zeros(1, dtype=torch.long, device=device)  # one trained token, weight 0 below
+    seq = torch.zeros(1, dtype=torch.long, device=device)
+    return wrapped(ids, ids, cu, 1, labels, seq, torch.zeros(1, device=device))
+
+
+def _grad_norm(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _weight_stats(cfg: TrainConfig, stats) -> dict:
+    """Statistics of the per-conversation weights the objective applied in this step."""
+    if cfg.algorithm in ("sft", "filtered_sft", "dpo"):
+        return {"weight_mean": 1.0, "weight_std": 0.0, "weight_min": 1.0, "weight_max": 1.0}
+    if cfg.algorithm == "refit":
+        return {"weight_mean": stats.reward_mean, "weight_std": stats.reward_std,
+                "weight_min": stats.reward_min, "weight_max": stats.reward_max}
+    d = stats.reward_std + cfg.objective.swift_eps
+    return {"weight_mean": 0.0, "weight_std": stats.reward_std / d if d > 0 else 0.0,
+            "weight_min": (stats.reward_min - stats.reward_mean) / d if d > 0 else 0.0,
+            "weight_max": (stats.reward_max - stats.reward_mean) / d if d > 0 else 0.0}
+
+
+def _full_states(cfg: TrainConfig, lm, optimizer, env):
+    """(model state dict or None, optimizer state dict) as rank 0 saves them."""
+    if env.distributed and cfg.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(lm, options=opts)
+        osd = get_optimizer_state_dict(lm, optimizer, options=opts)
+        return {k.removeprefix("model."): v for k, v in msd.items()}, osd
+    return None, optimizer.state_dict()
+
+
+def _load_optimizer(path: str, lm, optimizer, cfg: TrainConfig, env) -> None:
+    state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False, map_location="cpu")
+    if env.distributed and cfg.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(lm, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _save(cfg, env, lm, optimizer, scheduler, step: int, state: dict) -> str | None:
+    model_state, optim_state = _full_states(cfg, lm, optimizer, env)
+    return ckpt.save_checkpoint(
+        cfg.output_dir, step, hf_model=unwrap(lm).model, model_state=model_state, optimizer_state=optim_state,
+        scheduler_state=scheduler.state_dict(), trainer_state=state, rank=env.rank, world_size=env.world_size,
+        keep_last=cfg.checkpoint.keep_last, barrier=lambda: barrier(env),
+    )
+
+
+def _save_final(cfg, env, lm, tokenizer) -> str:
+    path = os.path.join(cfg.output_dir, "final")
+    model_state = None
+    if env.distributed and cfg.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        msd = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state = {k.removeprefix("model."): v for k, v in msd.items()}
+    if env.is_main:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.save_pretrained_quietly(unwrap(lm).model, tmp, model_state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    barrier(env)
+    return path

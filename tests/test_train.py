@@ -1,0 +1,389 @@
+"""The trainer: the step objective is exact whatever the micro-batching, resume is bit for bit, bad steps
+stop cleanly, and a tiny model actually learns.
+
+The key invariant: after one SGD step with lr=1 the parameters move by exactly minus the gradient of
+the objective over the whole step batch, computed here independently with the unmodified HF model
+(full logits, one conversation at a time), for every algorithm and any grad_accum.
+"""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+from refit_fast.data import load_tokenized
+from refit_fast.model import build_model_from_config, load_model, tiny_config
+from refit_fast.train import ConfigError, NonFiniteLossError, TrainConfig, load_config, train
+from refit_fast.train import checkpoint as ckpt_mod
+from refit_fast.train.data import Schedule, TrainData, assign_rows, dpo_pairs, filter_top, make_units
+
+WORDS = "red blue green small big cat dog bird runs sits flies fast slow yes no maybe".split()
+QUESTIONS = ["pick a color", "name an animal", "how fast", "which size", "say yes or no"]
+MODEL = dict(tiny_config("llama"), vocab_size=64)
+
+
+def write_data(path, n=12, seed=0, answer_len=(2, 6)):
+    """n conversations over a few shared prompts (so DPO finds pairs), two assistant turns each."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(*answer_len))]
+            msgs = [
+                {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+                {"role": "assistant", "content": "which one ?"},
+                {"role": "user", "content": rng.choice(WORDS)},
+                {"role": "assistant", "content": " ".join(words)},
+            ]
+            f.write(json.dumps({"id": f"c{i}", "messages": msgs, "reward": round(rng.random(), 3)}) + "\n")
+    return str(path)
+
+
+def base_config(tmp_path, data, **over):
+    cfg = {
+        "algorithm": "refit",
+        "output_dir": str(tmp_path / "out"),
+        "data": {"path": data},
+        "tokenizer": "word",
+        "model": {"config": MODEL},
+        "batch": {"max_tokens": 96, "grad_accum": 1},
+        "steps": 1,
+        "optim": {"name": "sgd", "lr": 1.0, "grad_clip": 0.0},
+        "log": {"quiet": True, "progress": "false", "tensorboard": "false"},
+    }
+    return TrainConfig.from_dict(cfg, over)
+
+
+# ------------------------------------------------------------------------------------------------
+# the independent reference: plain HF forward, full logits, one conversation at a time
+# ------------------------------------------------------------------------------------------------
+
+
+def seq_logp(model, ids, mask):
+    ids = torch.as_tensor(ids)[None]
+    logits = model(input_ids=ids).logits[0].double()
+    lp = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+    return (lp * torch.as_tensor(mask[1:], dtype=torch.float64)).sum()
+
+
+def reference_step(cfg, tokenizer, convs_filter=None):
+    """(loss, {name: param - grad}) for one SGD(lr=1) step on the whole data set as one step batch."""
+    model = build_model_from_config(MODEL, seed=cfg.seed, attn_backend=None)
+    model.train()
+    convs, _ = load_tokenized(cfg.data.path, tokenizer, progress=False)
+    if convs_filter is not None:
+        convs = convs_filter(convs)
+    r = torch.tensor([c.reward for c in convs], dtype=torch.float64)
+    algo = cfg.algorithm
+    if algo == "dpo":
+        pairs = dpo_pairs(r.numpy(), [c.prompt_key for c in convs], cfg.objective.dpo_pairs)
+        lp = torch.stack([seq_logp(model, c.input_ids, c.loss_mask) for c in convs])
+        ref = lp.detach()
+        delta = lp - ref
+        z = cfg.objective.dpo_beta * (delta[pairs[:, 0]] - delta[pairs[:, 1]])
+        loss = torch.nn.functional.softplus(-z).mean()
+    else:
+        if algo in ("sft", "filtered_sft"):
+            w = torch.ones_like(r)
+        elif algo == "refit":
+            w = r
+        else:
+            w = (r - r.mean()) / (r.std(unbiased=False) + cfg.objective.swift_eps)
+        lp = torch.stack([seq_logp(model, c.input_ids, c.loss_mask) for c in convs])
+        denom = len(convs) if cfg.objective.normalize == "sequence" else sum(int(c.loss_mask[1:].sum()) for c in convs)
+        loss = -(w * lp).sum() / denom
+    loss.backward()
+    return float(loss.detach()), {n: (p - p.grad).detach() for n, p in model.named_parameters()}
+
+
+def assert_params_close(result, expected, rtol=2e-4, atol=2e-6):
+    got = load_model(result.final_model_path, attn_backend=None, local_files_only=True)
+    for n, p in got.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n].float(), rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the key invariant
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "refit", "swift"])
+def test_step_gradient_equals_whole_batch_gradient(tmp_path, algorithm):
+    data = write_data(tmp_path / "d.jsonl")
+    # max_tokens=96 packs these 12 conversations into 3 rows: grad_accum=3 is one step over all of them.
+    cfg = base_config(tmp_path, data, algorithm=algorithm, **{"batch.grad_accum": 3})
+    res = train(cfg)
+    m = res.metrics[0]
+    assert m["rows"] == 3 and m["conversations"] == 12, m
+    ref_loss, expected = reference_step(cfg, res.tokenizer)
+    assert res.losses[0] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+    assert_params_close(res, expected)
+    # and one big row (grad_accum=1) gives the same step
+    cfg1 = base_config(tmp_path, data, algorithm=algorithm, output_dir=str(tmp_path / "one"), **{"batch.max_tokens": 1024})
+    res1 = train(cfg1)
+    assert res1.metrics[0]["rows"] == 1
+    assert res1.losses[0] == pytest.approx(res.losses[0], rel=1e-5, abs=1e-6)
+    assert_params_close(res1, expected)
+
+
+def test_token_normalization(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data, algorithm="refit", **{"batch.grad_accum": 3, "objective.normalize": "token"})
+    res = train(cfg)
+    ref_loss, expected = reference_step(cfg, res.tokenizer)
+    assert res.losses[0] == pytest.approx(ref_loss, rel=1e-5)
+    assert_params_close(res, expected)
+
+
+def test_dpo_gradient_equals_direct_dpo_loss(tmp_path):
+    data = write_data(tmp_path / "d.jsonl", n=15)
+    cfg = base_config(tmp_path, data, algorithm="dpo", **{"batch.grad_accum": 4, "objective.dpo_beta": 0.5})
+    res = train(cfg)
+    m = res.metrics[0]
+    # every pair's policy equals its reference at the first step: loss is exactly log 2
+    assert m["pairs"] == 5 and res.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    ref_loss, expected = reference_step(cfg, res.tokenizer)
+    assert_params_close(res, expected)
+
+
+def test_filtered_sft_trains_on_the_top_fraction(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data, algorithm="filtered_sft",
+                      **{"batch.max_tokens": 1024, "objective.filter_top_fraction": 0.25})
+    res = train(cfg)
+    assert res.metrics[0]["conversations"] == 3
+
+    def top3(convs):
+        keep = sorted(range(len(convs)), key=lambda i: -convs[i].reward)[:3]
+        return [convs[i] for i in sorted(keep)]
+
+    _, expected = reference_step(cfg, res.tokenizer, convs_filter=top3)
+    assert_params_close(res, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints, resume, failures
+# ------------------------------------------------------------------------------------------------
+
+
+def adamw_config(tmp_path, data, out, **over):
+    return base_config(tmp_path, data, output_dir=str(out), steps=6,
+                       optim={"name": "adamw", "lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.1, "grad_clip": 1.0},
+                       **{"batch.max_tokens": 64, "checkpoint.every": 3, "algorithm": "swift", **over})
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    straight = train(adamw_config(tmp_path, data, tmp_path / "a"))
+    assert len(straight.losses) == 6
+    # 3 steps, then the process "stops" (on_step returns True), then resume for the other 3
+    first = train(adamw_config(tmp_path, data, tmp_path / "b"), on_step=lambda m: m["step"] == 3)
+    assert first.steps_run == [1, 2, 3] and first.final_model_path is None
+    assert os.path.isdir(tmp_path / "b" / "checkpoint-3")
+    second = train(adamw_config(tmp_path, data, tmp_path / "b", resume=True))
+    assert second.steps_run == [4, 5, 6]
+    assert first.losses + second.losses == straight.losses  # exact, not approximate
+    a = load_model(straight.final_model_path, attn_backend=None, local_files_only=True).state_dict()
+    b = load_model(second.final_model_path, attn_backend=None, local_files_only=True).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nonfinite_loss_stops_before_the_update(tmp_path, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "nan", **{"checkpoint.every": 2})
+    import refit_fast.train.objectives as obj
+
+    real = obj.weighted_ce
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(obj, "weighted_ce", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is nan.*checkpoint-2"):
+        train(cfg)
+    assert ckpt_mod.latest_checkpoint(cfg.output_dir).endswith("checkpoint-2")
+    assert not os.path.exists(os.path.join(cfg.output_dir, "checkpoint-3"))
+    # the last good checkpoint still resumes
+    monkeypatch.setattr(obj, "weighted_ce", real)
+    res = train(cfg.replace(resume=True))
+    assert res.steps_run == [3, 4, 5, 6] and all(math.isfinite(x) for x in res.losses)
+
+
+def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "crash", **{"checkpoint.every": 2})
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith(os.path.join("checkpoint-4.tmp", "optimizer.pt")):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert os.path.isdir(os.path.join(cfg.output_dir, "checkpoint-4.tmp"))
+    assert ckpt_mod.latest_checkpoint(cfg.output_dir).endswith("checkpoint-2")
+    res = train(cfg.replace(resume=True))
+    assert res.steps_run[0] == 3
+    assert not any(name.endswith(".tmp") for name in os.listdir(cfg.output_dir))
+    assert [s for s, _ in ckpt_mod.list_checkpoints(cfg.output_dir)] == [4, 6]  # keep_last=2
+
+
+def test_fresh_run_refuses_to_clobber_checkpoints(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data)
+    train(cfg)
+    with pytest.raises(ConfigError, match="resume=true"):
+        train(cfg)
+    assert train(cfg.replace(overwrite=True)).steps_run == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: CLI, loss falls, metrics, SFT -> Refit from the SFT model in one process
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end_loss_falls_then_refit_from_sft(tmp_path, capsys):
+    from refit_fast.cli import main
+
+    data = write_data(tmp_path / "d.jsonl", n=40)
+    yaml_path = tmp_path / "sft.yaml"
+    yaml_path.write_text(
+        "algorithm: sft\n"
+        f"data: {data}\n"
+        "tokenizer: word\n"
+        "model:\n  config: {model_type: qwen2, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,\n"
+        "           num_attention_heads: 4, num_key_value_heads: 2}\n"
+        "batch: {max_tokens: 128, grad_accum: 1}\n"
+        "optim: {lr: 1.0e-2, warmup_steps: 2}\n"
+        "log: {every: 10, progress: false}\n"
+    )
+    out = tmp_path / "sft"
+    assert main(["train", str(yaml_path), f"output_dir={out}", "steps=30"]) == 0
+    assert "step 30/30" in capsys.readouterr().out
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(lines) == 30
+    for key in ("loss", "lr", "grad_norm", "tokens", "packing_efficiency", "reward_mean", "weight_std", "peak_mem_mb", "tokens_per_s"):
+        assert key in lines[0]
+    first, last = np.mean([x["loss"] for x in lines[:5]]), np.mean([x["loss"] for x in lines[-5:]])
+    assert last < 0.7 * first, (first, last)
+    assert os.path.isfile(out / "final" / "model.safetensors") and os.path.isfile(out / "final" / "tokenizer.json")
+
+    # the demo's pattern: a second method from the SFT model, same process, tokenizer found there
+    cfg = load_config(str(yaml_path), [f"output_dir={tmp_path / 'refit'}", "algorithm=refit", "steps=3",
+                                       f"model.init_from={out / 'final'}", "tokenizer=auto", "log.quiet=true"])
+    res = train(cfg)
+    from transformers import AutoTokenizer
+
+    assert res.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(out / "final")).get_vocab()
+    # starting from the SFT model, Refit's first loss is that of a trained model, far below chance
+    assert res.losses[0] < first
+
+
+def test_cli_usage_and_config_errors(tmp_path, capsys):
+    from refit_fast.train.cli import main
+
+    assert main(["--help"]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algoritm: refit\n")
+    assert main([str(bad)]) == 2
+    assert "did you mean algorithm" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# config and planning units
+# ------------------------------------------------------------------------------------------------
+
+
+def test_config_yaml_overrides_and_validation(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("algorithm: swift\ndata: x.jsonl\nmodel: {config: {model_type: llama}}\noptim: {lr: 1}\n")
+    cfg = load_config(str(p), ["optim.lr=1e-4", "batch.grad_accum=4", "optim.betas=[0.9, 0.99]", "tokenizer=word"])
+    assert (cfg.algorithm, cfg.optim.lr, cfg.batch.grad_accum, cfg.optim.betas) == ("swift", 1e-4, 4, (0.9, 0.99))
+    assert cfg.tokenizer.kind == "word" and cfg.data.path == "x.jsonl"
+    assert load_config(str(p)).optim.lr == 1.0 and isinstance(load_config(str(p)).optim.lr, float)
+    for over, match in [
+        (["algorithm=ppo"], "algorithm"),
+        (["batch.max_tokens=0"], "batch.max_tokens"),
+        (["optim.lr=-1"], "optim.lr"),
+        (["optim.lrr=1"], "did you mean optim.lr"),
+        (["model.path=/nonexistent"], "model"),
+        (["objective.filter_top_fraction=0"], "filter_top_fraction"),
+        (["lr"], "key=value"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(str(p), over)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_assign_rows_whole_rows_balanced():
+    rng = np.random.default_rng(0)
+    loads = rng.integers(10, 100, 8)
+    parts = assign_rows(loads, 2)
+    assert sorted(sum(parts, [])) == list(range(8)) and all(len(p) == 4 for p in parts)
+    tokens = [int(loads[p].sum()) for p in parts]
+    assert abs(tokens[0] - tokens[1]) <= loads.max()
+    assert assign_rows([5, 5, 5], 2) == [[0, 2], [1]]  # short rank runs an empty micro-step
+
+
+def test_dpo_pairs_and_filter():
+    r = np.array([0.1, 0.9, 0.5, 0.5, 0.3])
+    keys = ["a", "a", "a", "b", "b"]
+    assert dpo_pairs(r, keys).tolist() == [[1, 0], [3, 4]]
+    assert dpo_pairs(np.array([1.0, 1.0]), ["a", "a"]).shape == (0, 2)  # equal rewards: no pair
+    assert filter_top(r, 0.4).tolist() == [1, 2]
+
+
+def test_schedule_covers_every_unit_once_per_epoch():
+    from types import SimpleNamespace as C
+
+    rng = np.random.default_rng(1)
+    convs = [C(id=str(i), input_ids=np.arange(1, n + 1), loss_mask=np.r_[0, np.ones(n - 1, int)], reward=0.0,
+               prompt_key="p") for i, n in enumerate(rng.integers(3, 40, 50))]
+    data = TrainData.from_tokenized(convs)
+    s = Schedule(data, *make_units(data), max_tokens=64, rows_per_step=3, seed=0, epochs=2)
+    seen = [[], []]
+    for k in range(s.total_steps):
+        sb = s.step_batch(k)
+        assert len(sb.rows) <= 3 and all(load <= 64 for load in sb.loads)
+        seen[sb.epoch] += sb.units.tolist()
+    assert sorted(seen[0]) == sorted(seen[1]) == list(range(50))
+    assert seen[0] != seen[1]  # reshuffled per epoch
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data, algorithm="swift", **{"batch.grad_accum": 3, "model.gradient_checkpointing": True})
+    res = train(cfg)
+    ref_loss, expected = reference_step(cfg, res.tokenizer)
+    assert res.losses[0] == pytest.approx(ref_loss, rel=1e-5)
+    assert_params_close(res, expected)
+
+
+def test_pretokenized_rows_without_tokenizer(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tok.jsonl"
+    with open(path, "w") as f:
+        for i in range(10):
+            n = int(rng.integers(6, 20))
+            mask = [0] * (n // 2) + [1] * (n - n // 2)
+            f.write(json.dumps({"input_ids": rng.integers(1, 64, n).tolist(), "loss_mask": mask,
+                                "reward": float(rng.random())}) + "\n")
+    cfg = base_config(tmp_path, str(path), tokenizer="auto", steps=3, cpu_threads=1,
+                      optim={"name": "adamw", "lr": 1e-3})
+    res = train(cfg)
+    assert res.tokenizer is None and len(res.losses) == 3
+    assert os.path.isfile(os.path.join(res.final_model_path, "model.safetensors"))
+    with pytest.raises(ConfigError, match="vocabulary"):
+        train(cfg.replace(overwrite=True, **{"model.config": dict(MODEL, vocab_size=16)}))
