@@ -28,28 +28,44 @@ def collect(
     *,
     config: ClarifyConfig | None = None,
     progress: bool = False,
+    per_episode: int = 1,
 ) -> list[dict]:
-    """Roll out `policy` (default `BehaviorPolicy(seed)`) on `n` logged episodes; JSONL-ready records.
+    """Roll out `policy` (default `BehaviorPolicy(seed)`) on logged episodes; `n` JSONL-ready records.
 
-    Episodes are `episode_seeds(n, seed, "collect")` (even seeds, never evaluation episodes); the same
-    `(n, seed, policy, config)` gives the same records. Ids are `clarify-<episode seed>`.
+    Episodes are `episode_seeds(., seed, "collect")` (even seeds, never evaluation episodes); the same
+    arguments give the same records. With `per_episode=k` (default behaviour policy only) each episode
+    is played k times by differently seeded behaviour policies, so conversations share prompts (what
+    DPO pairs need). Ids are `clarify-<episode seed>`, or `clarify-<episode seed>-<j>` when k > 1.
 
     Example:
         >>> collect(3, seed=1) == collect(3, seed=1)
         True
+        >>> [r["id"] for r in collect(4, seed=1, per_episode=2)]
+        ['clarify-8589934592-0', 'clarify-8589934592-1', 'clarify-8589934594-0', 'clarify-8589934594-1']
     """
     config = config or ClarifyConfig()
-    policy = policy if policy is not None else BehaviorPolicy(seed=seed, config=config)
+    if per_episode < 1:
+        raise ValueError(f"collect: per_episode must be >= 1, got {per_episode}")
+    if per_episode > 1 and policy is not None:
+        raise ValueError("collect: per_episode > 1 replays episodes with differently seeded behaviour "
+                         "policies; it cannot be combined with a given policy")
+    if policy is not None:
+        policies = [policy]
+    else:  # seeds of the replays: far apart from each other and from other runs' seeds
+        policies = [BehaviorPolicy(seed=seed + 1_000_003 * j, config=config) for j in range(per_episode)]
     env = ClarifyEnv(config)
     records = []
     bar = _progress_bar(n, progress, "collect")
-    for episode_seed in episode_seeds(n, seed, "collect"):
-        env.reset(episode_seed)
-        while not env.done:
-            env.step(policy([dict(m) for m in env.messages]))
-        records.append({"id": f"clarify-{episode_seed}", "messages": [dict(m) for m in env.messages],
-                        "reward": float(env.reward)})
-        bar.update(1)
+    for episode_seed in episode_seeds(math.ceil(n / per_episode), seed, "collect"):
+        for j, pol in enumerate(policies):
+            if len(records) == n:
+                break
+            env.reset(episode_seed)
+            while not env.done:
+                env.step(pol([dict(m) for m in env.messages]))
+            rid = f"clarify-{episode_seed}" if per_episode == 1 else f"clarify-{episode_seed}-{j}"
+            records.append({"id": rid, "messages": [dict(m) for m in env.messages], "reward": float(env.reward)})
+            bar.update(1)
     bar.close()
     return records
 
@@ -143,15 +159,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"items per scene (default {ClarifyConfig.n_candidates})")
     parser.add_argument("--max-turns", type=int, default=ClarifyConfig.max_turns,
                         help=f"agent turns per episode (default {ClarifyConfig.max_turns})")
+    parser.add_argument("--per-episode", type=int, default=1,
+                        help="conversations per episode, from differently seeded behaviour policies (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.seed < 0:
-        parser.error("--n must be >= 1 and --seed >= 0")
+    if args.n < 1 or args.seed < 0 or args.per_episode < 1:
+        parser.error("--n and --per-episode must be >= 1 and --seed >= 0")
     try:
         config = ClarifyConfig(n_candidates=args.n_candidates, max_turns=args.max_turns)
     except ValueError as e:
         parser.error(str(e))
-    records = collect(args.n, seed=args.seed, config=config, progress=not args.quiet and args.n >= 1000)
+    records = collect(args.n, seed=args.seed, config=config, progress=not args.quiet and args.n >= 1000,
+                      per_episode=args.per_episode)
     write_jsonl(records, args.out)
     if not args.quiet:
         s = summarize(records)
