@@ -1,0 +1,95 @@
+"""A chat model as a policy of the clarifying-QA environment: batched generation, one turn at a time.
+
+Kept apart from the simulator so that `refit_fast.envs` itself needs no torch.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+class ModelPolicy:
+    """`policy(list_of_conversations) -> list_of_texts` for :func:`refit_fast.envs.evaluate` with
+    ``batched=True`` (a single conversation also works: ``policy(messages) -> text``).
+
+    Greedy decoding by default (``temperature=0``); generation stops at the tokenizer's end-of-turn
+    token (``<|end|>`` for :func:`refit_fast.data.build_word_tokenizer`) or after ``max_new_tokens``.
+
+        >>> policy = ModelPolicy(model, tokenizer)
+        >>> evaluate(policy, n_episodes=500, batched=True)["mean_reward"]
+    """
+
+    def __init__(self, model, tokenizer, *, temperature: float = 0.0, max_new_tokens: int = 16,
+                 end_token: str = "<|end|>", batch_size: int = 256, seed: int = 0):
+        if temperature < 0:
+            raise ValueError(f"ModelPolicy: temperature must be >= 0, got {temperature}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        end_id = tokenizer.convert_tokens_to_ids(end_token)
+        self.stop_ids = {i for i in (end_id, tokenizer.eos_token_id) if i is not None and i != tokenizer.unk_token_id}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the old name
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def __call__(self, conversations):
+        single = bool(conversations) and isinstance(conversations[0], dict)
+        batch = [conversations] if single else list(conversations)
+        texts: list[str] = []
+        for start in range(0, len(batch), self.batch_size):
+            texts += self._generate(batch[start:start + self.batch_size])
+        return texts[0] if single else texts
+
+    def _prompt_ids(self, messages) -> list[int]:
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(enc["input_ids"] if not isinstance(enc, list) else enc)
+
+    @staticmethod
+    def _cache(out):
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
+    @torch.no_grad()
+    def _generate(self, batch) -> list[str]:
+        device = next(self.model.parameters()).device
+        prompts = [self._prompt_ids(m) for m in batch]
+        T = max(len(p) for p in prompts)
+        # left padding: every row's next token sits at the last column
+        ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        past = self._cache(out)
+        logits = out.logits[:, -1].float()
+        new_tokens = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        next_pos = positions[:, -1:] + 1
+        for _ in range(self.max_new_tokens):
+            if self.temperature > 0:
+                probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
+                tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            else:
+                tok = logits.argmax(-1).cpu()
+            for i, t in enumerate(tok.tolist()):
+                if not done[i]:
+                    if t in self.stop_ids:
+                        done[i] = True
+                    else:
+                        new_tokens[i].append(t)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=mask.dtype, device=device)], dim=1)
+            out = self.model(input_ids=tok[:, None].to(device), attention_mask=mask, position_ids=next_pos,
+                             use_cache=True, **{self.cache_kw: past})
+            past = self._cache(out)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
