@@ -30,10 +30,12 @@ class Preset:
     The hyper-parameters were chosen on other runs than the reported ones: training seeds 100-102 and
     evaluation episodes of seed 12345 (``--eval-seed``), never seeds 0-2 with evaluation seed 0.
     Every method after SFT gets the same number of steps and the same batches; each had its learning
-    rate picked from a small grid. One optimizer step = ``grad_accum`` packed rows of ``max_tokens``
-    tokens (~64 conversations), with first-fit-shuffle packing so that a step mixes conversations of
-    every length (best-fit-decreasing fills a row with conversations of similar length, and here length
-    is behaviour: a step of only premature guesses, then one of only long dialogues).
+    rate picked from a small grid (docs/demo-tuning.md has the grid). One optimizer step =
+    ``grad_accum`` packed rows of ``max_tokens`` tokens (~64 conversations), with first-fit-shuffle
+    packing so that a step mixes conversations of every length (best-fit-decreasing fills a row with
+    conversations of similar length, and here length is behaviour: a step of only premature guesses,
+    then one of only long dialogues). Embeddings are untied: with tied embeddings Swift's negative
+    weights also move the input embeddings of the answer words, and it collapsed more often in tuning.
     """
 
     episodes: int = 1500          # logged episodes ...
@@ -41,17 +43,18 @@ class Preset:
     hidden: int = 128
     layers: int = 2
     heads: int = 4
+    tie_embeddings: bool = False
     max_tokens: int = 1024        # token budget of one packed row (= one micro-batch)
     grad_accum: int = 4           # rows per optimizer step
     strategy: str = "ffs"         # packing: ffs mixes lengths within a row (see above)
-    sft_steps: int = 500          # long enough that SFT learns to copy the user's answer into its own
+    sft_steps: int = 250
     sft_lr: float = 3e-3
     sft_warmup: int = 20
-    method_steps: int = 200       # the same budget for every method after SFT
-    lrs: tuple = (("filtered_sft", 3e-3), ("dpo", 3e-5), ("refit", 3e-3), ("swift", 1e-3))
+    method_steps: int = 100       # the same budget for every method after SFT (longer runs hurt Swift and DPO)
+    lrs: tuple = (("filtered_sft", 3e-3), ("dpo", 3e-5), ("refit", 6e-3), ("swift", 1e-3))
     min_lr_ratio: float = 0.1     # cosine decay to lr * this
     dpo_beta: float = 0.1
-    eval_episodes: int = 500
+    eval_episodes: int = 1000
 
     def lr(self, method: str) -> float:
         return self.sft_lr if method == "sft" else dict(self.lrs)[method]
@@ -59,7 +62,7 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
-    "quick": Preset(episodes=1000, sft_steps=250, method_steps=100),
+    "quick": Preset(episodes=1000, eval_episodes=500),
     "cuda": Preset(episodes=10000, hidden=256, layers=4, heads=8, max_tokens=4096, grad_accum=2, sft_steps=600,
                    method_steps=300, eval_episodes=2000),
 }
@@ -69,7 +72,7 @@ def model_config(preset: Preset, vocab_size: int) -> dict:
     return dict(model_type="llama", vocab_size=vocab_size, hidden_size=preset.hidden,
                 num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
                 num_key_value_heads=max(1, preset.heads // 2), intermediate_size=2 * preset.hidden,
-                max_position_embeddings=256, tie_word_embeddings=True)
+                max_position_embeddings=256, tie_word_embeddings=preset.tie_embeddings)
 
 
 def _train_config(preset: Preset, algorithm: str, out: str, data: str, seed: int, device: str, **extra) -> dict:
