@@ -62,7 +62,7 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
-    "quick": Preset(episodes=1000, eval_episodes=500),
+    "quick": Preset(episodes=1000, sft_steps=200, method_steps=80, eval_episodes=500),
     "cuda": Preset(episodes=10000, hidden=256, layers=4, heads=8, max_tokens=4096, grad_accum=2, sft_steps=600,
                    method_steps=300, eval_episodes=2000),
 }
