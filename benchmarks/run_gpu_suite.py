@@ -169,41 +169,38 @@ def part_trainer(args) -> dict:
 
     from refit_fast.packing import pack, to_torch
 
-    budget = args.row_tokens
-    convs = synthetic_conversations(args.trainer_convs, LLAMA_1B["vocab_size"], seed=1, cap=budget)
-    rows_out = []
-    # refit_fast: packed rows, varlen attention, weighted_ce (Swift)
-    packed = pack(convs, budget, seed=0)
-    rows = [to_torch(packed[i], "cuda") for i in range(min(len(packed), args.iters + args.warmup))]
-    rewards = torch.rand(len(convs), device="cuda")
-    model, opt = build_1b(grad_ckpt=False, attn="auto")
-    it = iter(range(10**9))
-    try:
-        sec, peak = _peak_and_time(lambda: step_refit(model, opt, rows[next(it) % len(rows)], rewards), args.warmup, args.iters)
-        real = statistics.mean(int((r["seq_ids"] >= 0).sum()) for r in rows)
-        rows_out.append(dict(method="refit_fast (packed, weighted_ce)", tokens_per_s=real / sec, step_s=sec,
-                             peak_gib=peak / 2**30, tokens_per_step=real))
-    except torch.cuda.OutOfMemoryError:
-        rows_out.append(dict(method="refit_fast (packed, weighted_ce)", status="OOM"))
-    del model, opt
-    torch.cuda.empty_cache()
-    # Hugging Face: padded batches with the same token budget, labels= loss
-    batches = padded_batches(convs, budget)[: args.iters + args.warmup]
-    batches = [{k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in b.items()} for b in batches]
-    model, opt = build_1b(grad_ckpt=False, attn="sdpa")
     from refit_fast.model import unprepare_model
 
-    unprepare_model(model, "sdpa")
-    it = iter(range(10**9))
-    try:
-        sec, peak = _peak_and_time(lambda: step_hf(model, opt, batches[next(it) % len(batches)]), args.warmup, args.iters)
-        real = statistics.mean(b["real"] for b in batches)
-        rows_out.append(dict(method="Hugging Face (padded, labels=)", tokens_per_s=real / sec, step_s=sec,
-                             peak_gib=peak / 2**30, tokens_per_step=real))
-    except torch.cuda.OutOfMemoryError:
-        rows_out.append(dict(method="Hugging Face (padded, labels=)", status="OOM"))
-    del model, opt
-    torch.cuda.empty_cache()
+    budget = args.row_tokens
+    convs = synthetic_conversations(args.trainer_convs, LLAMA_1B["vocab_size"], seed=1, cap=budget)
+    n = args.iters + args.warmup
+
+    def measure(name, attn, step, inputs, real_tokens):
+        """Steps cycle through `inputs`; one fresh model and optimizer per contender."""
+        model, opt = build_1b(grad_ckpt=False, attn=attn)
+        if attn == "sdpa":
+            unprepare_model(model, "sdpa")  # the stock Hugging Face attention
+        it = iter(range(10**9))
+        try:
+            sec, peak = _peak_and_time(lambda: step(model, opt, inputs[next(it) % len(inputs)]), args.warmup, args.iters)
+            return dict(method=name, tokens_per_s=real_tokens / sec, step_s=sec, peak_gib=peak / 2**30,
+                        tokens_per_step=real_tokens)
+        except torch.cuda.OutOfMemoryError:
+            return dict(method=name, status="OOM")
+        finally:
+            model = opt = None
+            torch.cuda.empty_cache()
+
+    # refit_fast: packed rows, varlen attention, weighted_ce (Swift)
+    packed = pack(convs, budget, seed=0)
+    rows = [to_torch(packed[i], "cuda") for i in range(min(len(packed), n))]
+    rewards = torch.rand(len(convs), device="cuda")
+    rows_out = [measure("refit_fast (packed, weighted_ce)", "auto", lambda m, o, row: step_refit(m, o, row, rewards), rows,
+                        statistics.mean(int((r["seq_ids"] >= 0).sum()) for r in rows))]
+    # Hugging Face: padded batches with the same token budget, labels= loss
+    batches = [{k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in b.items()} for b in padded_batches(convs, budget)[:n]]
+    rows_out.append(measure("Hugging Face (padded, labels=)", "sdpa", step_hf, batches,
+                            statistics.mean(b["real"] for b in batches)))
     return dict(config="Llama 1B-class (D=2048, 16 layers, V=128256), bf16 autocast, AdamW", row_tokens=budget,
                 rows=rows_out)
 
