@@ -217,7 +217,7 @@ def chunk_budget(nbytes: int | None = None, *, fp32_weight_grad: bool | None = N
 # ----------------------------------------------------------------------------------------------
 # The chunked driver (shared by both implementations)
 # ----------------------------------------------------------------------------------------------
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+_MM_OUT_DTYPE_OK: dict = {}  # what the installed torch supports, per device type
 
 
 def _mm_out_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -232,6 +232,21 @@ def _mm_out_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[key] = False
     return None
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 accumulator and bf16/fp16 operands: one in-place cuBLAS GEMM with
+    beta=1 where torch has `out_dtype` (CUDA); else a product in fp32 added on (a [V, D] temporary)."""
+    key = ("addmm", a.device.type)
+    if _MM_OUT_DTYPE_OK.get(key, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _MM_OUT_DTYPE_OK[key] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[key] = False
+    part = _mm_out_fp32(a, b)
+    acc.add_(part if part is not None else a.to(acc.dtype) @ b.to(acc.dtype))
 
 
 def _chunk_rows(budget: int, V: int, D: int, acc_bytes: int, grad_bytes: int, h_bytes: int, impl: str) -> int:
@@ -296,9 +311,7 @@ def _fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts):
                 if dW.dtype == g.dtype:
                     dW.addmm_(g.T, hc_mm)
                 else:  # fp32 accumulator for a bf16/fp16 weight
-                    part = _mm_out_fp32(g.T, hc_mm)
-                    dW.add_(part if part is not None else g.T.to(dW.dtype) @ hc_mm.to(dW.dtype))
-                    del part
+                    _addmm_fp32_(dW, g.T, hc_mm)
             if db is not None:
                 db += g.sum(0, dtype=acc)
         del z, g, hc, hc_mm  # free this chunk before the next one is allocated
