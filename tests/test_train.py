@@ -387,3 +387,12 @@ def test_pretokenized_rows_without_tokenizer(tmp_path):
     assert os.path.isfile(os.path.join(res.final_model_path, "model.safetensors"))
     with pytest.raises(ConfigError, match="vocabulary"):
         train(cfg.replace(overwrite=True, **{"model.config": dict(MODEL, vocab_size=16)}))
+
+
+def test_tensorboard_events_are_written_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data, **{"steps": 2, "log.tensorboard": "true"})
+    train(cfg)
+    events = [f for f in os.listdir(tmp_path / "out" / "tensorboard") if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(tmp_path / "out" / "tensorboard" / events[0]) > 0
