@@ -33,6 +33,9 @@ import bench_weighted_ce as bwc  # noqa: E402
 
 RESULTS = bwc.RESULTS
 
+# The device every part runs on; the CPU smoke test sets "cpu" (with a tiny MODEL) to exercise the code.
+DEVICE = "cuda"
+
 LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                 num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True)
@@ -79,11 +82,11 @@ def build_1b(grad_ckpt: bool, attn: str):
 
     from refit_fast.model import build_model_from_config
 
-    model = build_model_from_config(LLAMA_1B, seed=0, device="cuda", attn_backend=attn)
+    model = build_model_from_config(LLAMA_1B, seed=0, device=DEVICE, attn_backend=attn)
     if grad_ckpt:
         model.gradient_checkpointing_enable()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")
     return model, opt
 
 
@@ -94,7 +97,7 @@ def step_refit(model, opt, row, rewards):
     from refit_fast import weighted_ce
     from refit_fast.model import output_embedding, packed_hidden_states
 
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
         h = packed_hidden_states(model, row["input_ids"], row["position_ids"], row["cu_seqlens"], row["max_seqlen"])
         W, b = output_embedding(model)
         # seq_ids index the packed conversation list; `rewards` holds one reward per conversation
@@ -108,7 +111,7 @@ def step_hf(model, opt, batch):
     """The usual Hugging Face step: padded batch, `labels=` loss (full logits)."""
     import torch
 
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      labels=batch["labels"], use_cache=False).loss
     loss.backward()
@@ -147,11 +150,23 @@ def padded_batches(convs, token_budget):
     return out
 
 
+def _empty_cache():
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _peak_and_time(fn, warmup, iters):
     import torch
 
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":  # CPU smoke runs: time only
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) / iters, 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -189,16 +204,16 @@ def part_trainer(args) -> dict:
             return dict(method=name, status="OOM")
         finally:
             model = opt = None
-            torch.cuda.empty_cache()
+            _empty_cache()
 
     # refit_fast: packed rows, varlen attention, weighted_ce (Swift)
     packed = pack(convs, budget, seed=0)
-    rows = [to_torch(packed[i], "cuda") for i in range(min(len(packed), n))]
-    rewards = torch.rand(len(convs), device="cuda")
+    rows = [to_torch(packed[i], DEVICE) for i in range(min(len(packed), n))]
+    rewards = torch.rand(len(convs), device=DEVICE)
     rows_out = [measure("refit_fast (packed, weighted_ce)", "auto", lambda m, o, row: step_refit(m, o, row, rewards), rows,
                         statistics.mean(int((r["seq_ids"] >= 0).sum()) for r in rows))]
     # Hugging Face: padded batches with the same token budget, labels= loss
-    batches = [{k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in b.items()} for b in padded_batches(convs, budget)[:n]]
+    batches = [{k: (v.to(DEVICE) if hasattr(v, "to") else v) for k, v in b.items()} for b in padded_batches(convs, budget)[:n]]
     rows_out.append(measure("Hugging Face (padded, labels=)", "sdpa", step_hf, batches,
                             statistics.mean(b["real"] for b in batches)))
     return dict(config="Llama 1B-class (D=2048, 16 layers, V=128256), bf16 autocast, AdamW", row_tokens=budget,
@@ -222,16 +237,16 @@ def part_long_context(args) -> dict:
         ids = rng.integers(0, LLAMA_1B["vocab_size"], T, dtype=np.int64)
         mask = (np.arange(T) // 512 % 2).astype(np.uint8)
         mask[0] = 0
-        row = to_torch(pack([(ids, mask)], T)[0], "cuda")
-        hf = dict(input_ids=torch.from_numpy(ids)[None].cuda(), attention_mask=torch.ones(1, T, dtype=torch.long, device="cuda"),
-                  labels=torch.where(torch.from_numpy(mask).bool(), torch.from_numpy(ids), -100)[None].cuda())
+        row = to_torch(pack([(ids, mask)], T)[0], DEVICE)
+        hf = dict(input_ids=torch.from_numpy(ids)[None].to(DEVICE), attention_mask=torch.ones(1, T, dtype=torch.long, device=DEVICE),
+                  labels=torch.where(torch.from_numpy(mask).bool(), torch.from_numpy(ids), -100)[None].to(DEVICE))
         for method in ("refit_fast", "hf"):
             res = dict(method=method, T=T)
             try:
                 model, opt = build_1b(grad_ckpt=True, attn="auto" if method == "refit_fast" else "sdpa")
                 if method == "hf":
                     unprepare_model(model, "sdpa")
-                fn = (lambda: step_refit(model, opt, row, torch.ones(1, device="cuda"))) if method == "refit_fast" \
+                fn = (lambda: step_refit(model, opt, row, torch.ones(1, device=DEVICE))) if method == "refit_fast" \
                     else (lambda: step_hf(model, opt, hf))
                 sec, peak = _peak_and_time(fn, 1, 1)
                 res.update(status="ok", step_s=sec, peak_gib=peak / 2**30)
@@ -239,7 +254,7 @@ def part_long_context(args) -> dict:
                 res.update(status="OOM")
             finally:
                 model = opt = None
-                torch.cuda.empty_cache()
+                _empty_cache()
             out.append(res)
             print(res, flush=True)
     return dict(config="Llama 1B-class, V=128256, one packed row, gradient checkpointing, AdamW, bf16 autocast",

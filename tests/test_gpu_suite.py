@@ -57,3 +57,22 @@ def test_synthetic_conversations_look_like_chat():
     batches = suite.padded_batches(convs[:50], 8192)
     assert sum(len(b["input_ids"]) for b in batches) == 50
     assert all(b["input_ids"].numel() <= 8192 or len(b["input_ids"]) == 1 for b in batches)
+
+
+def test_trainer_and_long_context_parts_run_on_cpu_with_a_tiny_model(monkeypatch):
+    """The GPU parts' code paths (packing, our step, the HF padded step, long rows) on CPU with a tiny
+    Llama in place of the 1B one: catches bugs before a GPU session spends device time on them."""
+    import argparse
+
+    suite = _load("run_gpu_suite")
+    monkeypatch.setattr(suite, "DEVICE", "cpu")
+    monkeypatch.setattr(suite, "LLAMA_1B", dict(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                max_position_embeddings=1024, tie_word_embeddings=True))
+    args = argparse.Namespace(row_tokens=256, trainer_convs=20, warmup=1, iters=2, long_t=[128, 256])
+    trainer = suite.part_trainer(args)
+    assert [r["method"].split(" ")[0] for r in trainer["rows"]] == ["refit_fast", "Hugging"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["tokens_per_step"] <= 256 for r in trainer["rows"])
+    long = suite.part_long_context(args)
+    assert [(r["method"], r["T"], r["status"]) for r in long["rows"]] == [
+        ("refit_fast", 128, "ok"), ("hf", 128, "ok"), ("refit_fast", 256, "ok"), ("hf", 256, "ok")]
