@@ -323,6 +323,8 @@ def test_bad_values(impl, mutate, match):
     (lambda h, W, y, s, r: weighted_ce(h[0], W, y, s, r), "hidden must be"),
     (lambda h, W, y, s, r: weighted_ce(h.double(), W.double(), y, s, r, impl="triton"), "float64"),
     (lambda h, W, y, s, r: weighted_ce(h.to(torch.int32), W.to(torch.int32), y, s, r), "hidden must be float"),
+    (lambda h, W, y, s, r: weighted_ce(h, W.to("meta"), y, s, r), "weight is on meta but hidden is on cpu"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r.to("meta")), "rewards is on meta"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
