@@ -234,6 +234,15 @@ def _mm_out_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def _mm_out_fp32_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has `mm(..., out_dtype=fp32)` on `device`; probed once per device type
+    with a 1x1 product, so the chunk loop never pays for the probe."""
+    if device.type not in _MM_OUT_DTYPE_OK:
+        one = torch.ones((1, 1), dtype=dtype, device=device)
+        _mm_out_fp32(one, one)  # records the answer
+    return _MM_OUT_DTYPE_OK[device.type]
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for an fp32 accumulator and bf16/fp16 operands: one in-place cuBLAS GEMM with
     beta=1 where torch has `out_dtype` (CUDA); else a product in fp32 added on (a [V, D] temporary)."""
@@ -273,7 +282,7 @@ def _fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts):
     # Low-precision inputs: on CUDA the BLAS writes fp32 logits from bf16 operands; elsewhere (CPU,
     # or an old torch) the weight is upcast once and the whole chunk pass runs in fp32.
     lowp = h.dtype != acc
-    out_dtype_mm = lowp and _mm_out_fp32(h[:1], W[:1].T) is not None
+    out_dtype_mm = lowp and _mm_out_fp32_supported(h.device, h.dtype)
     W_c = W.to(acc) if (lowp and not out_dtype_mm) else W
     b_c = b.to(acc) if b is not None else None
     grad_dtype = h.dtype if out_dtype_mm else acc
