@@ -85,7 +85,22 @@ py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* 
     fits = fill_rows<T>(ids, mask, conv_off, bin_off, n_bins, items, lay, pad_to, pad_id, pi, pl,
                         pp, ps, pc, pm);
   }
-  if (!fits) throw std::invalid_argument("token ids do not fit in int32; use dtype=np.int64");
+  if (!fits) {
+    // Rare path: name the first offending conversation (in row order) for the error message.
+    for (int64_t k = 0; k < bin_off[n_bins]; ++k) {
+      const int64_t c = items[k];
+      for (int64_t j = conv_off[c]; j < conv_off[c + 1]; ++j) {
+        if (ids[j] < 0)
+          throw std::invalid_argument("conversation " + std::to_string(c) + ": negative token id " +
+                                      std::to_string(ids[j]) + " at position " +
+                                      std::to_string(j - conv_off[c]));
+        if (sizeof(T) == 4 && ids[j] > INT32_MAX)
+          throw std::invalid_argument("conversation " + std::to_string(c) + ": token id " +
+                                      std::to_string(ids[j]) + " does not fit in int32; use dtype=np.int64");
+      }
+    }
+    throw std::invalid_argument("token ids do not fit the output dtype");
+  }
   py::dict d;
   d["input_ids"] = o_ids;
   d["labels"] = o_lab;
@@ -112,17 +127,74 @@ py::dict materialize(const CArray<int64_t>& ids, const CArray<uint8_t>& mask,
   if (conv_offsets.shape(0) < 1 || bin_offsets.shape(0) < 1)
     throw std::invalid_argument("offset arrays need at least one element");
   const int64_t n_conv = conv_offsets.shape(0) - 1;
-  // The fill loop reads ids[conv_offsets[c] : conv_offsets[c+1]] unchecked: prove it in bounds here.
+  // The fill loop reads ids[conv_offsets[c] : conv_offsets[c+1]] unchecked; layout_rows proves
+  // that range in bounds for every conversation the plan references (and only those: a batch of
+  // a few rows must not pay for scanning every offset of the dataset).
   if (poff[0] != 0 || poff[n_conv] != ids.shape(0))
     throw std::invalid_argument("conv_offsets must start at 0 and end at len(ids)");
-  for (int64_t c = 0; c < n_conv; ++c)
-    if (poff[c + 1] < poff[c]) throw std::invalid_argument("conv_offsets must be non-decreasing");
   if (pad_to < 0) throw std::invalid_argument("pad_to must be >= 0 (0 = no padding)");
   const int64_t n_bins = bin_offsets.shape(0) - 1;
-  const RowLayout lay = layout_rows(poff, n_conv, pbin, n_bins, pit, items.shape(0), pad_to);
+  const RowLayout lay =
+      layout_rows(poff, n_conv, ids.shape(0), pbin, n_bins, pit, items.shape(0), pad_to);
   if (int32_out)
     return materialize_as<int32_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id, out);
   return materialize_as<int64_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id, out);
+}
+
+[[noreturn]] void bad_conversation(size_t i, const std::string& why) {
+  throw std::invalid_argument("conversation " + std::to_string(i) + ": " + why);
+}
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// flatten's core: checks every conversation's arrays (1-D, equal non-zero lengths, integer ids,
+// bool/integer mask) with the GIL held, then copies and checks values (ids >= 0, mask 0/1) without
+// it. Errors name the first bad conversation: shape and dtype problems over all conversations
+// first, then values, the same order as the numpy fallback in packer.py.
+py::tuple flatten_arrays(const py::list& ids, const py::list& masks) {
+  const size_t n = ids.size();
+  if (masks.size() != n) throw std::invalid_argument("ids and masks differ in count");
+  std::vector<ArrayRef> ri(n), rm(n);
+  py::array_t<int64_t> offsets(static_cast<py::ssize_t>(n + 1));
+  int64_t* off = offsets.mutable_data();
+  off[0] = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!py::isinstance<py::array>(ids[i]) || !py::isinstance<py::array>(masks[i]))
+      bad_conversation(i, "input_ids and loss_mask must be numpy arrays");
+    auto a = py::reinterpret_borrow<py::array>(ids[i]);
+    auto m = py::reinterpret_borrow<py::array>(masks[i]);
+    if (a.ndim() != 1 || m.ndim() != 1) bad_conversation(i, "input_ids and loss_mask must be 1-D");
+    if (m.shape(0) != a.shape(0))
+      bad_conversation(i, "loss_mask has length " + std::to_string(m.shape(0)) + " but input_ids has length " +
+                              std::to_string(a.shape(0)));
+    if (a.shape(0) == 0) bad_conversation(i, "is empty");
+    const char ka = a.dtype().kind(), km = m.dtype().kind();
+    if (ka != 'i' && ka != 'u') bad_conversation(i, "input_ids must be integers, got dtype " + dtype_name(a));
+    if (km != 'b' && km != 'i' && km != 'u')
+      bad_conversation(i, "loss_mask must be bool or integer, got dtype " + dtype_name(m));
+    ri[i] = {static_cast<const char*>(a.data()), a.shape(0), a.strides(0), ka, static_cast<int>(a.itemsize())};
+    rm[i] = {static_cast<const char*>(m.data()), m.shape(0), m.strides(0), km, static_cast<int>(m.itemsize())};
+    off[i + 1] = off[i] + a.shape(0);
+  }
+  const int64_t total = off[n];
+  py::array_t<int64_t> out_ids(static_cast<py::ssize_t>(total));
+  py::array_t<uint8_t> out_mask(static_cast<py::ssize_t>(total));
+  int64_t* pi = out_ids.mutable_data();
+  uint8_t* pm = out_mask.mutable_data();
+  FlattenError err;
+  {
+    py::gil_scoped_release nogil;
+    err = concat_conversations(ri, rm, pi, pm);
+  }
+  if (err.what != FlattenError::kNone) {  // rare path: read the offending value back through Python
+    const size_t i = static_cast<size_t>(err.conversation);
+    const bool mask_error = err.what == FlattenError::kMaskValue;
+    const std::string value = py::str((mask_error ? masks : ids)[i].attr("item")(err.position)).cast<std::string>();
+    if (mask_error) bad_conversation(i, "loss_mask values must be 0 or 1, got " + value);
+    if (ri[i].kind == 'u') bad_conversation(i, "input_ids do not fit in int64 (id " + value + ")");
+    bad_conversation(i, "negative token id " + value + " at position " + std::to_string(err.position));
+  }
+  return py::make_tuple(out_ids, out_mask, offsets);
 }
 
 }  // namespace
@@ -133,6 +205,9 @@ PYBIND11_MODULE(_packing, m) {
         py::arg("seed"),
         "Plan bins: returns (bin_offsets int64[bins+1], items int64[kept]); lengths > max_tokens "
         "are skipped. strategy 0 = best-fit-decreasing, 1 = first-fit over shuffled input.");
+  m.def("flatten", &flatten_arrays, py::arg("ids"), py::arg("masks"),
+        "Check and concatenate per-conversation 1-D arrays (lists of numpy arrays) into (ids int64, "
+        "mask uint8, offsets int64[n+1]); raises ValueError naming the first bad conversation.");
   m.def("materialize", &materialize, py::arg("ids"), py::arg("mask"), py::arg("conv_offsets"),
         py::arg("bin_offsets"), py::arg("items"), py::arg("pad_to"), py::arg("pad_id"),
         py::arg("int32_out"), py::arg("out") = py::none(),

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace refit_packing {
@@ -72,17 +73,42 @@ struct RowLayout {
   int64_t real_tokens = 0;  // conversation tokens, padding excluded
 };
 
-// Validates the plan against the conversation offsets (every item in range, every row within
-// pad_to when pad_to > 0) and lays the rows out. Throws std::invalid_argument on bad input.
-RowLayout layout_rows(const int64_t* conv_offsets, int64_t n_conv, const int64_t* bin_offsets,
-                      int64_t n_bins, const int64_t* items, int64_t n_items, int64_t pad_to);
+// Validates the plan against the conversation offsets (every item in range, every referenced
+// conversation non-empty and inside the n_tokens buffer, every row within pad_to when pad_to > 0)
+// and lays the rows out. Throws std::invalid_argument on bad input.
+RowLayout layout_rows(const int64_t* conv_offsets, int64_t n_conv, int64_t n_tokens,
+                      const int64_t* bin_offsets, int64_t n_bins, const int64_t* items,
+                      int64_t n_items, int64_t pad_to);
 
 // Fills every row. Pure memory traffic; runs with the GIL released. T is int64_t or int32_t.
-// Returns false if some token id does not fit in T (the rows are then garbage).
+// Returns false if some token id is negative or does not fit in T (the rows are then garbage).
 template <class T>
 bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offsets,
                const int64_t* bin_offsets, int64_t n_bins, const int64_t* items,
                const RowLayout& layout, int64_t pad_to, int64_t pad_id, T* out_ids, T* out_labels,
                T* out_pos, T* out_seq, int32_t* out_cu, int64_t* out_max_seqlen);
+
+// One 1-D input array as flatten sees it: numpy's dtype kind ('i', 'u', 'b') and item size, and a
+// byte stride (views with steps are copied without a contiguous temporary).
+struct ArrayRef {
+  const char* data = nullptr;
+  int64_t size = 0;
+  int64_t stride = 0;
+  char kind = 'i';
+  int itemsize = 8;
+};
+
+struct FlattenError {
+  enum What : int { kNone = 0, kNegativeId = 1, kMaskValue = 2 };
+  int64_t conversation = -1;  // -1: no error
+  What what = kNone;
+  int64_t position = -1;  // within the conversation
+};
+
+// Copies conversation i's ids (as int64) and mask (as uint8) to out_ids/out_mask back to back, in
+// order, checking that ids are >= 0 (and fit int64) and mask values are 0 or 1. Stops at the
+// first bad conversation. Sizes of ids[i] and masks[i] must match (the caller checks).
+FlattenError concat_conversations(const std::vector<ArrayRef>& ids, const std::vector<ArrayRef>& masks,
+                                  int64_t* out_ids, uint8_t* out_mask);
 
 }  // namespace refit_packing

@@ -6,6 +6,7 @@ rule and the seeded shuffle mean, and the compiled packer must agree with them e
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -425,6 +426,175 @@ def test_to_torch():
     t32 = to_torch(small, "cpu", dtype=torch.int64)
     assert t32["labels"].dtype == torch.int64 and t32["cu_seqlens"].dtype == torch.int32
     assert t32["labels"].tolist() == [2, 3, IGNORE]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows built on access, streamed fills, per-batch cost
+# --------------------------------------------------------------------------------------------------
+
+
+def _rows_of(packed) -> list[dict]:
+    return [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in row.items()} for row in packed]
+
+
+def test_lazy_rows_equal_eager_rows():
+    rng = np.random.default_rng(21)
+    convs = make_convs(rng.integers(1, 300, 500), rng)
+    lazy = pack(convs, 1000, seed=4, pad_to=1003)
+    eager = materialize(flatten(convs), lazy.plan, pad_to=1003)
+    # 500 conversations make more rows than one iteration block, so block edges are crossed.
+    assert len(lazy) > packer_module._ITER_BLOCK
+    assert lazy._arrays is None  # nothing built yet
+    by_iter, by_index = _rows_of(lazy), [lazy[i] for i in range(len(lazy))]
+    assert lazy._arrays is None  # iteration and indexing build rows without keeping them
+    for k in range(len(eager)):
+        for key, want in eager[k].items():
+            np.testing.assert_array_equal(by_iter[k][key], want, err_msg=key)
+            np.testing.assert_array_equal(by_index[k][key], want, err_msg=key)
+    np.testing.assert_array_equal(lazy[-1]["input_ids"], eager[len(eager) - 1]["input_ids"])
+    with pytest.raises(IndexError):
+        lazy[len(lazy)]
+    # Rows are fresh arrays: changing one does not change the next access.
+    row = lazy[3]
+    row["labels"][:] = 7
+    assert not np.all(lazy[3]["labels"] == 7)
+    # The flat attributes build everything once, after which rows are views of them.
+    np.testing.assert_array_equal(lazy.input_ids, eager.input_ids)
+    np.testing.assert_array_equal(lazy.cu_offsets, eager.cu_offsets)
+    assert lazy._arrays is not None and lazy[0]["input_ids"].base is not None
+    assert lazy.materialize_all() is lazy
+    assert lazy.stats == dataclasses.replace(eager.stats, dropped_conversations=0, dropped_tokens=0)
+
+
+def test_stats_without_building_rows():
+    convs = [([1] * 5, [1] * 5), ([2] * 11, [1] * 11), ([3] * 4, [0] * 4)]
+    packed = pack(convs, 10, pad_to=12)
+    s = packed.stats
+    assert (s.rows, s.real_tokens, s.pad_tokens) == (1, 9, 3)
+    assert (s.dropped_conversations, s.dropped_tokens, s.kept_conversations) == (1, 11, 2)
+    assert packed._arrays is None
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("pad", [None, 4100])
+def test_streamed_fill_matches_cached_fill(dtype, pad):
+    """Outputs above 64 MiB take the streaming-store path; it must write exactly what batches do."""
+    rng = np.random.default_rng(8)
+    n_tokens = (80 << 20) // (4 * np.dtype(dtype).itemsize) + 12_345  # > 64 MiB of row arrays
+    lengths = np.clip(rng.integers(1, 4096, n_tokens // 2000), 1, None)
+    lengths[-1] += max(0, n_tokens - int(lengths.sum()))
+    lengths = np.minimum(lengths, 4096)
+    total = int(lengths.sum())
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = FlatConversations(rng.integers(0, 2**31 - 1, total), (rng.random(total) < 0.6).view(np.uint8), offsets)
+    plan = plan_bins(flat.lengths, 4096, seed=1)
+    whole = materialize(flat, plan, dtype=dtype, pad_to=pad)
+    assert whole.input_ids.nbytes * 4 > 64 << 20
+    for a in range(0, len(plan), 200):  # < 64 MiB per call: plain stores
+        part = materialize(flat, plan, rows=slice(a, a + 200), dtype=dtype, pad_to=pad)
+        lo, hi = whole.row_offsets[a], whole.row_offsets[min(a + 200, len(plan))]
+        for key in ("input_ids", "labels", "position_ids", "seq_ids"):
+            np.testing.assert_array_equal(getattr(part, key), getattr(whole, key)[lo:hi], err_msg=key)
+        np.testing.assert_array_equal(part.max_seqlen, whole.max_seqlen[a : a + 200])
+    # And one row against the definition, in the middle of the streamed output.
+    k = len(plan) // 2
+    convs = {int(c): flat.conversation(int(c)) for c in plan[k]}
+    rows_equal([whole[k]], ref_rows(convs, [plan[k].tolist()], pad))
+
+
+def test_batch_cost_does_not_scan_other_conversations():
+    """materialize(rows=...) checks only the conversations it copies (a batch costs O(batch))."""
+    flat = flatten([GOOD, GOOD, GOOD])
+    plan = packer_module.BinPlan(np.array([0, 1, 2, 3]), np.array([0, 1, 2]), 8, "given", 0)
+    offsets = flat.offsets.copy()
+    offsets[2] = 100  # conversation 1 now ends, and 2 starts, outside the buffer
+    broken = FlatConversations(flat.input_ids, flat.loss_mask, offsets)
+    assert materialize(broken, plan, rows=slice(0, 1))[0]["input_ids"].tolist() == [1, 2, 3]
+    for k in (1, 2):
+        with pytest.raises(ValueError, match=f"conversation {k} has bad offsets"):
+            materialize(broken, plan, rows=slice(k, k + 1))
+    swapped = offsets.copy()
+    swapped[1:3] = [5, 4]  # conversation 1 would have length -1
+    with pytest.raises(ValueError, match=r"conversation 1 has bad offsets \[5, 4\)"):
+        materialize(FlatConversations(flat.input_ids, flat.loss_mask, swapped), plan, rows=slice(1, 2))
+
+
+def test_hand_built_flat_values_are_checked_when_rows_are_built():
+    ids = np.array([1, 2, 3, 4, -5, 6])
+    flat = FlatConversations(ids, np.ones(6, np.uint8), np.array([0, 3, 6]))
+    packed = pack(flat, 3)  # planning reads lengths only
+    for dtype in (np.int64, np.int32):
+        with pytest.raises(ValueError, match="conversation 1: negative token id -5 at position 1"):
+            materialize(flat, packed.plan, dtype=dtype)
+    with pytest.raises(ValueError, match="conversation 1: negative token id"):
+        list(packed)
+    row = next(i for i in range(2) if packed.plan[i][0] == 0)
+    assert packed[row]["input_ids"].tolist() == [1, 2, 3]  # other rows still build
+    wide = FlatConversations(np.array([1, 2**31 + 1]), np.ones(2, np.uint8), np.array([0, 2]))
+    with pytest.raises(ValueError, match="conversation 0: token id 2147483649 does not fit in int32"):
+        materialize(wide, plan_bins([2], 2), dtype=np.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# flatten: the C++ path against the numpy path
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["cpp", "numpy"])
+def flatten_path(request, monkeypatch):
+    """Runs a test through the C++ flatten and through the numpy fallback (extension missing)."""
+    if request.param == "numpy":
+
+        def no_extension():
+            raise ImportError("simulated: extension not built")
+
+        monkeypatch.setattr(packer_module, "_ext", no_extension)  # flatten only: nothing else runs
+    return request.param
+
+
+def test_flatten_paths_agree_on_dtypes_and_views(flatten_path):
+    rng = np.random.default_rng(31)
+    base = make_convs(rng.integers(1, 40, 30), rng)
+    id_types = [np.int64, np.int32, np.int16, np.uint8, np.uint16, np.uint32, np.uint64, np.int8]
+    mask_types = [bool, np.uint8, np.int8, np.int32, np.int64, np.uint64]
+    convs = []
+    for i, (ids, mask) in enumerate(base):
+        it = id_types[i % len(id_types)]
+        ids = (ids % 100).astype(it)
+        mask = mask.astype(mask_types[i % len(mask_types)])
+        if i % 5 == 0:  # strided views: every other element of a longer array
+            ids = np.repeat(ids, 2)[::2]
+            mask = np.repeat(mask, 2)[::2]
+        convs.append((ids, mask))
+    flat = flatten(convs)
+    assert flat.input_ids.dtype == np.int64 and flat.loss_mask.dtype == np.uint8
+    np.testing.assert_array_equal(flat.input_ids, np.concatenate([c[0].astype(np.int64) for c in convs]))
+    np.testing.assert_array_equal(flat.loss_mask, np.concatenate([c[1].astype(np.uint8) for c in convs]))
+    np.testing.assert_array_equal(flat.lengths, [len(c[0]) for c in convs])
+    assert len(flatten([])) == 0
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ((np.array([1, 2, 3], np.int32), np.array([0, 5, 1], np.int16)), "conversation 1: loss_mask values must be 0 or 1, got 5"),
+        ((np.array([1, 2, 3]), np.array([0, -1, 1], np.int8)), "conversation 1: loss_mask values must be 0 or 1, got -1"),
+        ((np.array([1, 2, 3]), np.array([0, 256, 1], np.uint16)), "conversation 1: loss_mask values must be 0 or 1, got 256"),
+        ((np.array([4, 5, -7], np.int16), np.array([0, 1, 1])), "conversation 1: negative token id -7 at position 2"),
+        ((np.array([4, 2**63], np.uint64), np.array([0, 1])), "conversation 1: input_ids do not fit in int64"),
+    ],
+)
+def test_flatten_paths_agree_on_errors(flatten_path, bad, match):
+    # Conversation 3 has a shape error, conversation 1 a value error: shape errors are reported
+    # first (whatever their index), as both paths check every shape and dtype before any value.
+    with pytest.raises(ValueError, match="conversation 3: is empty"):
+        flatten([GOOD, bad, GOOD, (np.array([], np.int64), np.array([], np.int64))])
+    with pytest.raises(ValueError, match=match):
+        flatten([GOOD, bad, GOOD, bad])
+    text = (np.array([1, 2, 3]), np.array(["a", "b", "c"]))
+    with pytest.raises(ValueError, match="conversation 2: loss_mask must be bool or integer, got dtype <U1"):
+        flatten([GOOD, bad, text, (np.array([], np.int64), np.array([], np.int64))])
 
 
 # --------------------------------------------------------------------------------------------------

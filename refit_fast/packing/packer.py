@@ -3,12 +3,14 @@
 Three steps, each usable on its own (the trainer flattens once, plans once per epoch, materializes):
 
 1. :func:`flatten` validates the conversations and concatenates them into one flat token buffer plus
-   offsets (one ``np.concatenate``, no per-token Python work);
+   offsets (C++: one pass that copies and checks every token, GIL released);
 2. :func:`plan_bins` assigns conversations to bins (C++: best-fit-decreasing over a capacity-indexed
    tree, or first-fit over shuffled input), then shuffles the bins with the seed;
-3. :func:`materialize` fills every row's arrays in one C++ call with the GIL released.
+3. :func:`materialize` fills rows' arrays in one C++ call with the GIL released (all rows, or a
+   slice of them into reused buffers, as the trainer does per batch).
 
-:func:`pack` runs all three and handles over-long conversations.
+:func:`pack` runs the first two, handles over-long conversations, and returns rows that are built
+when read: packing costs what planning costs, and holds no copy of the tokens beyond the flat input.
 """
 from __future__ import annotations
 
@@ -68,8 +70,11 @@ class FlatConversations:
     """All conversations in one buffer: conversation ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``.
 
     ``input_ids`` is int64, ``loss_mask`` uint8 (0/1), ``offsets`` int64 ``[n + 1]``. Build it with
-    :func:`flatten`, which validates; one built by hand is trusted for its values (the C++ side
-    still bounds-checks every offset, so a bad one raises instead of reading out of bounds).
+    :func:`flatten`, which validates, or by hand from buffers you already have (e.g. an Arrow list
+    column's values and offsets: no copy). A hand-built one is checked as rows are built: the
+    offsets of every conversation a row holds (a bad one raises instead of reading out of bounds)
+    and its token ids (a negative one raises ``ValueError`` naming the conversation); a mask value
+    other than 0 counts as 1.
 
     >>> flat = flatten([(np.array([5, 6, 7]), np.array([0, 1, 1])), (np.array([8]), np.array([0]))])
     >>> flat.lengths, flat.offsets
@@ -148,6 +153,19 @@ def flatten(conversations) -> FlatConversations:
         raise
     ids_col = _arrays(ids_col, "input_ids")
     mask_col = _arrays(mask_col, "loss_mask")
+    try:
+        ext = _ext()
+    except ImportError:  # flatten works without the extension (pack does not): numpy path below
+        ext = None
+    if ext is not None:
+        # One C++ pass: shape/dtype checks, then copy + value checks (ids >= 0, mask 0/1) with the
+        # GIL released; the same errors, in the same order, as the numpy path below.
+        return FlatConversations(*ext.flatten(ids_col, mask_col))
+    return _flatten_numpy(ids_col, mask_col)
+
+
+def _flatten_numpy(ids_col: list, mask_col: list) -> FlatConversations:
+    """flatten without the extension: vectorized over conversations, several passes over tokens."""
     n = len(ids_col)
 
     # Per-conversation checks, vectorized over conversations; the first offender over all checks wins.
@@ -180,14 +198,14 @@ def flatten(conversations) -> FlatConversations:
     if any(dt.kind not in "biu" for dt in mask_dtypes):
         i = next(j for j, a in enumerate(mask_col) if a.dtype.kind not in "biu")
         flag(i, f"loss_mask must be bool or integer, got dtype {mask_col[i].dtype}")
-    if any(dt == np.uint64 for dt in ids_dtypes):  # would wrap to negative in int64
-        for j, a in enumerate(ids_col):
-            if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
-                flag(j, "input_ids do not fit in int64")
-                break
     if bad:
         i = min(bad)
         raise ValueError(f"conversation {i}: {bad[i]}")
+    # Value checks come after every shape and dtype check, as in the C++ path.
+    if any(dt == np.uint64 for dt in ids_dtypes):  # would wrap to negative in int64
+        for j, a in enumerate(ids_col):
+            if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"conversation {j}: input_ids do not fit in int64 (id {a.max()})")
 
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -331,12 +349,24 @@ class PackStats:
         return asdict(self)
 
 
+_ROW_KEYS = ("input_ids", "labels", "position_ids", "seq_ids")
+_ITER_BLOCK = 64  # rows built per C++ call when iterating: amortizes the call, stays cache-sized
+
+
 class Packed:
-    """Packed rows. ``len(packed)`` rows; ``packed[i]`` is a dict of numpy arrays (views):
+    """Packed rows. ``len(packed)`` rows; ``packed[i]`` is a dict of numpy arrays:
 
     ``input_ids``, ``labels``, ``position_ids``, ``seq_ids`` of length ``L`` (the row's length, or
-    ``pad_to``), ``cu_seqlens`` int32 ``[k + 1]`` and ``max_seqlen`` (a Python int). The flat arrays
-    behind all rows are attributes too (``input_ids``, ..., ``row_offsets``, ``cu_offsets``).
+    ``pad_to``), ``cu_seqlens`` int32 ``[k + 1]`` and ``max_seqlen`` (a Python int).
+
+    :func:`pack` returns rows that are *built on access*: it plans the bins and keeps a reference to
+    the flat conversations, and ``packed[i]`` (or iteration, 64 rows per C++ call) fills the arrays
+    then. Packing is therefore as cheap as planning, and the packed dataset costs no memory beyond
+    its input (eagerly built rows would be four int64 arrays per token: 4x the input). Every access
+    builds fresh arrays, so a row may be kept or modified freely. The flat arrays behind all rows
+    (``packed.input_ids``, ``labels``, ``position_ids``, ``seq_ids``, ``cu_seqlens``,
+    ``max_seqlen``, ``row_offsets``, ``cu_offsets``) are built on first use of any of them and kept;
+    :meth:`materialize_all` does that explicitly, after which rows are views of those arrays.
 
     >>> packed = pack([(np.array([1, 2, 3]), np.array([0, 1, 1]))], 4, pad_to=4)
     >>> row = packed[0]
@@ -344,21 +374,36 @@ class Packed:
     ([2, 3, -100, -100], [0, 3, 4], 3)
     """
 
-    def __init__(self, arrays: dict, plan: BinPlan, stats: PackStats, pad_to: int | None):
-        self.input_ids = arrays["input_ids"]
-        self.labels = arrays["labels"]
-        self.position_ids = arrays["position_ids"]
-        self.seq_ids = arrays["seq_ids"]
-        self.cu_seqlens = arrays["cu_seqlens"]
-        self.max_seqlen = arrays["max_seqlen"]
-        self.row_offsets = arrays["row_offsets"]
-        self.cu_offsets = arrays["cu_offsets"]
+    def __init__(self, flat: FlatConversations, plan: BinPlan, stats: PackStats, pad_to: int | None,
+                 *, pad_id: int = 0, dtype=np.int64, arrays: dict | None = None):
+        self.flat = flat
         self.plan = plan
         self.stats = stats
         self.pad_to = pad_to
+        self.pad_id = int(pad_id)
+        self.dtype = np.dtype(dtype)
+        self._arrays = arrays
 
     def __len__(self) -> int:
-        return self.row_offsets.shape[0] - 1
+        return len(self.plan)
+
+    def _build(self, start: int, stop: int, out: dict | None = None) -> dict:
+        """Raw C++ output for bins [start, stop): flat arrays plus row/cu offsets of those rows."""
+        offs = self.plan.offsets
+        lo, hi = int(offs[start]), int(offs[stop])
+        return _ext().materialize(
+            self.flat.input_ids, self.flat.loss_mask, self.flat.offsets, offs[start : stop + 1] - lo,
+            self.plan.items[lo:hi], self.pad_to or 0, self.pad_id, self.dtype == np.int32, out,
+        )
+
+    @staticmethod
+    def _row(arrays: dict, k: int) -> dict:
+        ro, co = arrays["row_offsets"], arrays["cu_offsets"]
+        a, b, c, d = ro[k], ro[k + 1], co[k], co[k + 1]
+        row = {key: arrays[key][a:b] for key in _ROW_KEYS}
+        row["cu_seqlens"] = arrays["cu_seqlens"][c:d]
+        row["max_seqlen"] = int(arrays["max_seqlen"][k])
+        return row
 
     def __getitem__(self, i: int) -> dict:
         i = operator.index(i)
@@ -366,24 +411,61 @@ class Packed:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for {len(self)} rows")
-        a, b = self.row_offsets[i], self.row_offsets[i + 1]
-        c, d = self.cu_offsets[i], self.cu_offsets[i + 1]
-        return {
-            "input_ids": self.input_ids[a:b],
-            "labels": self.labels[a:b],
-            "position_ids": self.position_ids[a:b],
-            "seq_ids": self.seq_ids[a:b],
-            "cu_seqlens": self.cu_seqlens[c:d],
-            "max_seqlen": int(self.max_seqlen[i]),
-        }
+        if self._arrays is not None:
+            return self._row(self._arrays, i)
+        return self._row(self._build(i, i + 1), 0)
 
     def __iter__(self) -> Iterator[dict]:
-        for i in range(len(self)):
-            yield self[i]
+        if self._arrays is not None:
+            for i in range(len(self)):
+                yield self._row(self._arrays, i)
+            return
+        for a in range(0, len(self), _ITER_BLOCK):
+            b = min(a + _ITER_BLOCK, len(self))
+            arrays = self._build(a, b)
+            for k in range(b - a):
+                yield self._row(arrays, k)
+
+    def materialize_all(self) -> "Packed":
+        """Build every row now into flat arrays kept by this object (returns ``self``).
+
+        >>> packed = pack([([1, 2], [0, 1]), ([3], [0])], 4).materialize_all()
+        >>> packed.input_ids.shape, packed.row_offsets.tolist()
+        ((3,), [0, 3])
+        """
+        if self._arrays is None:
+            self._arrays = self._build(0, len(self))
+        return self
+
+    def _flat(self, key: str) -> np.ndarray:
+        return self.materialize_all()._arrays[key]
+
+    input_ids = property(lambda self: self._flat("input_ids"), doc="All rows' input_ids, back to back.")
+    labels = property(lambda self: self._flat("labels"), doc="All rows' labels, back to back.")
+    position_ids = property(lambda self: self._flat("position_ids"), doc="All rows' position_ids.")
+    seq_ids = property(lambda self: self._flat("seq_ids"), doc="All rows' seq_ids, back to back.")
+    cu_seqlens = property(lambda self: self._flat("cu_seqlens"), doc="All rows' cu_seqlens, back to back.")
+    max_seqlen = property(lambda self: self._flat("max_seqlen"), doc="max_seqlen of every row (int64).")
+    row_offsets = property(lambda self: self._flat("row_offsets"), doc="Row k is tokens [row_offsets[k], row_offsets[k+1]).")
+    cu_offsets = property(lambda self: self._flat("cu_offsets"), doc="Row k's cu_seqlens is cu_seqlens[cu_offsets[k]:cu_offsets[k+1]].")
 
     def __repr__(self) -> str:
         s = self.stats
         return f"Packed(rows={s.rows}, max_tokens={s.max_tokens}, efficiency={s.efficiency:.4f})"
+
+
+def _stats(flat: FlatConversations, plan: BinPlan, pad_to: int | None, real: int, counts: dict) -> PackStats:
+    rows = len(plan)
+    return PackStats(
+        rows=rows,
+        max_tokens=plan.max_tokens,
+        conversations=len(flat),
+        kept_conversations=int(plan.items.shape[0]),
+        real_tokens=real,
+        efficiency=real / (rows * plan.max_tokens) if rows else 0.0,
+        pad_tokens=rows * pad_to - real if pad_to else 0,
+        **counts,
+    )
 
 
 def materialize(
@@ -395,9 +477,8 @@ def materialize(
     dtype=np.int64,
     rows: slice | None = None,
     out: dict | None = None,
-    _counts: dict | None = None,
 ) -> Packed:
-    """Fill the rows of ``plan`` from ``flat`` in one C++ call (GIL released).
+    """Fill the rows of ``plan`` from ``flat`` now, in one C++ call (GIL released).
 
     Row ``k`` holds the conversations of bin ``k``, in bin order. ``dtype`` (int64 or int32) is the
     dtype of ``input_ids``, ``labels``, ``position_ids`` and ``seq_ids``; ``cu_seqlens`` is always
@@ -405,10 +486,11 @@ def materialize(
     seq_ids -1, positions restarting at 0) as one final ``cu_seqlens`` segment.
 
     ``rows`` (a slice of bins, step 1) materializes only those bins, e.g. one training batch at a
-    time. ``out`` is a dict of preallocated 1-D buffers (``input_ids``, ``labels``,
-    ``position_ids``, ``seq_ids`` of ``dtype``, ``cu_seqlens`` int32; see :func:`row_buffers`) that
-    are filled in place and returned as views: reusing them skips allocation and page faults, which
-    cost more than the packing itself. Stats then describe the selected rows only.
+    time; its cost is proportional to those rows only. ``out`` is a dict of preallocated 1-D buffers
+    (``input_ids``, ``labels``, ``position_ids``, ``seq_ids`` of ``dtype``, ``cu_seqlens`` int32;
+    see :func:`row_buffers`) that are filled in place and returned as views: reusing them skips
+    allocation and page faults, which cost more than the packing itself. Stats then describe the
+    selected rows only (``dropped_*`` counts only for a whole plan).
 
     >>> flat = flatten([([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])])
     >>> packed = materialize(flat, plan_bins(flat.lengths, 8))
@@ -428,31 +510,16 @@ def materialize(
         lo, hi = plan.offsets[start], plan.offsets[stop]
         plan = BinPlan(plan.offsets[start : stop + 1] - lo, plan.items[lo:hi],
                        plan.max_tokens, plan.strategy, plan.seed)
-    arrays = _ext().materialize(
-        flat.input_ids, flat.loss_mask, flat.offsets, plan.offsets, plan.items,
-        pad_to or 0, int(pad_id), dt == np.int32, out,
-    )
-    # O(1) bookkeeping only: this runs once per training batch when rows= is used.
-    n = len(flat)
-    rows = len(plan)
+    packed = Packed(flat, plan, None, pad_to, pad_id=pad_id, dtype=dt)
+    arrays = packed._build(0, len(plan), out)
+    packed._arrays = arrays
     real = int(arrays["real_tokens"])
-    kept = int(plan.items.shape[0])
     counts = {}
     if whole:  # conversations in no bin were dropped by the planner (over-long)
-        counts = {"dropped_conversations": n - kept, "dropped_tokens": int(flat.offsets[-1]) - real}
-    if _counts:
-        counts.update(_counts)
-    stats = PackStats(
-        rows=rows,
-        max_tokens=plan.max_tokens,
-        conversations=n,
-        kept_conversations=kept,
-        real_tokens=real,
-        efficiency=real / (rows * plan.max_tokens) if rows else 0.0,
-        pad_tokens=int(arrays["row_offsets"][-1]) - real,
-        **counts,
-    )
-    return Packed(arrays, plan, stats, pad_to)
+        counts = {"dropped_conversations": len(flat) - int(plan.items.shape[0]),
+                  "dropped_tokens": int(flat.offsets[-1]) - real}
+    packed.stats = _stats(flat, plan, pad_to, real, counts)
+    return packed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,6 +618,10 @@ def pack(
     (when its length is given) and the final exchange, else drops the conversation. ``pad_to`` pads
     every row to that length (must be >= ``max_tokens``).
 
+    The rows are built when read (``packed[i]``, iteration, or :meth:`Packed.materialize_all`), so
+    ``pack`` itself only checks, flattens and plans; ``packed.stats`` is complete at once. A
+    :class:`FlatConversations` input is used without a copy.
+
     >>> convs = [(np.array([1, 2, 3, 4]), np.array([0, 0, 1, 1])),
     ...          (np.array([5, 6]), np.array([0, 1])),
     ...          (np.array([7, 8, 9, 10, 11, 12]), np.array([0, 1, 1, 1, 1, 1]))]
@@ -586,8 +657,14 @@ def pack(
         counts["dropped_conversations"] = int(dropped.sum())
         # dropped tokens are counted at their original length
         counts["dropped_tokens"] = total - tok_trunc - int(kept_lengths[~dropped].sum())
-    plan = plan_bins(flat.lengths, cap, strategy=strategy, seed=seed)
-    return materialize(flat, plan, pad_to=pad_to, _counts=counts)
+    lengths = flat.lengths
+    plan = plan_bins(lengths, cap, strategy=strategy, seed=seed)
+    kept_tokens = int(lengths[plan.items].sum())
+    if overlong != "truncate_turns":  # conversations in no bin were dropped by the planner
+        counts = {"dropped_conversations": len(flat) - int(plan.items.shape[0]),
+                  "dropped_tokens": int(flat.offsets[-1]) - kept_tokens}
+    # Rows are built when accessed (see Packed): packing costs what planning costs.
+    return Packed(flat, plan, _stats(flat, plan, pad_to, kept_tokens, counts), pad_to)
 
 
 def to_torch(row: dict, device=None, *, non_blocking: bool = False, dtype=None) -> dict:
