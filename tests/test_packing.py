@@ -466,6 +466,21 @@ def test_lazy_rows_equal_eager_rows():
     assert lazy.stats == dataclasses.replace(eager.stats, dropped_conversations=0, dropped_tokens=0)
 
 
+def test_packed_is_a_dataset():
+    import pickle
+
+    rng = np.random.default_rng(2)
+    packed = pack(make_convs(rng.integers(1, 50, 40), rng), 64, seed=1)
+    copy = pickle.loads(pickle.dumps(packed))
+    loader = torch.utils.data.DataLoader(packed, batch_size=None, shuffle=False)
+    for k, row in enumerate(loader):
+        assert torch.equal(row["labels"], torch.from_numpy(copy[k]["labels"]))
+        assert row["max_seqlen"] == copy[k]["max_seqlen"]
+    assert k == len(packed) - 1
+    empty = pack([], 8)
+    assert len(empty) == 0 and list(empty) == [] and empty.materialize_all().input_ids.shape == (0,)
+
+
 def test_stats_without_building_rows():
     convs = [([1] * 5, [1] * 5), ([2] * 11, [1] * 11), ([3] * 4, [0] * 4)]
     packed = pack(convs, 10, pad_to=12)

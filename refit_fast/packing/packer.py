@@ -367,6 +367,8 @@ class Packed:
     (``packed.input_ids``, ``labels``, ``position_ids``, ``seq_ids``, ``cu_seqlens``,
     ``max_seqlen``, ``row_offsets``, ``cu_offsets``) are built on first use of any of them and kept;
     :meth:`materialize_all` does that explicitly, after which rows are views of those arrays.
+    With ``__len__`` and ``__getitem__`` it is a map-style dataset: ``DataLoader(packed,
+    batch_size=None, num_workers=k)`` builds rows in worker processes (it pickles with its input).
 
     >>> packed = pack([(np.array([1, 2, 3]), np.array([0, 1, 1]))], 4, pad_to=4)
     >>> row = packed[0]
