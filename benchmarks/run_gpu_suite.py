@@ -80,11 +80,11 @@ def synthetic_conversations(n, vocab, seed=0, median=600, cap=4096):
 def build_1b(grad_ckpt: bool, attn: str):
     import torch
 
-    from refit_fast.model import build_model_from_config
+    from refit_fast.model import build_model_from_config, enable_checkpointing
 
     model = build_model_from_config(LLAMA_1B, seed=0, device=DEVICE, attn_backend=attn)
     if grad_ckpt:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")
     return model, opt

@@ -7,7 +7,7 @@ Checked for every attention backend this machine has, on tiny Llama and Qwen2 mo
 import pytest
 import torch
 
-# transformers 5.x renames gradient_checkpointing_enable; the old name is what users call, so test it.
+# transformers 5.x renames gradient_checkpointing_enable; the old name is what many users call, so test it.
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 
 from refit_fast.model import (

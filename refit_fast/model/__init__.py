@@ -19,6 +19,7 @@ from refit_fast.model.attention import (
 )
 from refit_fast.model.body import (
     base_model,
+    enable_checkpointing,
     load_model,
     output_embedding,
     packed_hidden_states,
@@ -37,6 +38,7 @@ __all__ = [
     "block_causal_mask",
     "build_model_from_config",
     "concat_cu_seqlens",
+    "enable_checkpointing",
     "load_model",
     "output_embedding",
     "packed_hidden_states",

@@ -28,6 +28,7 @@ from refit_fast.model.attention import (
 
 __all__ = [
     "base_model",
+    "enable_checkpointing",
     "load_model",
     "output_embedding",
     "packed_hidden_states",
@@ -104,6 +105,26 @@ def prepare_model(model: torch.nn.Module, attn_backend: str = "auto") -> torch.n
                 "it must use transformers' AttentionInterface"
             )
     model._refit_attn_backend = attn_backend
+    return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute each decoder layer's activations in the backward (non-reentrant checkpointing).
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    and warns on the old name; this calls whichever the installed version has.
+
+    Example:
+        >>> from refit_fast.model import build_model_from_config, tiny_config
+        >>> model = enable_checkpointing(build_model_from_config(tiny_config()))
+        >>> any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        True
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

@@ -140,7 +140,9 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
         # machine a descheduled OpenMP thread made steps ~50x slower (560 ms vs 10 ms measured).
         torch.set_num_threads(1)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from refit_fast.model import enable_checkpointing
+
+        enable_checkpointing(model)
     lm = PackedCausalLM(model)
     ref = _reference_logps(lm, schedule, pairs, env, autocast) if pairs is not None else None
     model.train()
