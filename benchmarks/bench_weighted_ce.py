@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refit_fast import chunk_budget, weighted_ce  # noqa: E402
 from refit_fast.ops.reference import weighted_ce_reference  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# REFIT_RESULTS_DIR lets a device run write straight into its output folder, so results of the
+# parts that finished come back even if the run is cut off at its time limit.
+RESULTS = Path(os.environ.get("REFIT_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 # ---- the contenders: f(hidden [N, D], weight [V, D], labels [N]) -> mean NLL over trained tokens ----
