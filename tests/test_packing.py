@@ -551,6 +551,45 @@ def test_hand_built_flat_values_are_checked_when_rows_are_built():
         materialize(wide, plan_bins([2], 2), dtype=np.int32)
 
 
+def test_flat_from_buffers():
+    rng = np.random.default_rng(41)
+    convs = make_convs(rng.integers(1, 30, 25), rng)
+    want = flatten(convs)
+    flat = FlatConversations.from_buffers(want.input_ids, want.loss_mask.astype(bool), want.offsets.astype(np.int32))
+    assert np.shares_memory(flat.input_ids, want.input_ids)  # int64 ids: no copy
+    for k in ("input_ids", "loss_mask", "offsets"):
+        np.testing.assert_array_equal(getattr(flat, k), getattr(want, k))
+        assert getattr(flat, k).dtype == getattr(want, k).dtype
+    # A slice of the buffers, as a sliced Arrow list array gives (full values, offsets from k).
+    sub = FlatConversations.from_buffers(want.input_ids.astype(np.int32), want.loss_mask.astype(np.int64),
+                                         want.offsets[5:12])
+    rows_equal(pack(sub, 64, seed=2), ref_rows(convs[5:11], ref_plan([len(c[0]) for c in convs[5:11]], 64, "bfd", 2)))
+    # Integer masks: any non-zero is trained, never wrapped to 0 (256 as uint8 would be 0).
+    wide = FlatConversations.from_buffers([1, 2, 3], np.array([0, 256, 1], np.int64), [0, 3], check_values=False)
+    assert wide.loss_mask.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([1, 2, 3], [0, 1], [0, 3]), "loss_mask has 2 tokens but input_ids has 3"),
+        (([1.0, 2.0], [0, 1], [0, 2]), "input_ids must be integer"),
+        (([1, 2], [0.5, 1], [0, 2]), "loss_mask must be bool or integer"),
+        (([1, 2], [0, 1], [[0, 2]]), "offsets must be 1-D"),
+        (([1, 2], [0, 1], []), "offsets needs at least one element"),
+        (([1, 2], [0, 1], [0, 3]), "non-decreasing within"),
+        (([1, 2], [0, 1], [0, 2, 1]), "non-decreasing within"),
+        (([1, 2], [0, 1], [0, 2, 2]), "conversation 1: is empty"),
+        (([1, 2, -3], [0, 1, 1], [0, 1, 3]), "conversation 1: negative token id -3 at position 1"),
+        (([1, 2, 3], [0, 1, 2], [0, 1, 3]), "conversation 1: loss_mask value 2 at position 1"),
+        ((np.array([1, 2**63], np.uint64), [0, 1], [0, 1, 2]), "conversation 1: input_ids do not fit in int64"),
+    ],
+)
+def test_flat_from_buffers_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        FlatConversations.from_buffers(*args)
+
+
 # --------------------------------------------------------------------------------------------------
 # flatten: the C++ path against the numpy path
 # --------------------------------------------------------------------------------------------------

@@ -97,6 +97,68 @@ class FlatConversations:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[a:b], self.loss_mask[a:b]
 
+    @classmethod
+    def from_buffers(cls, input_ids, loss_mask, offsets, *, check_values: bool = True) -> "FlatConversations":
+        """From flat buffers you already have, such as an Arrow list column's values and offsets.
+
+        No copy of the tokens when ``input_ids`` is int64 and ``loss_mask`` bool/uint8 (other integer
+        dtypes are converted). ``offsets`` (any integer dtype, ``[n + 1]``) must never decrease and
+        stay within the buffers; offsets that start after 0, as a sliced Arrow array has, are
+        rebased. ``loss_mask`` must share ``offsets`` with ``input_ids``. Raises ``ValueError``
+        naming the first empty conversation; with ``check_values`` (one vectorized pass) also the
+        first negative id or mask value other than 0/1. Without it, ids are checked as rows are
+        built.
+
+        A Hugging Face dataset with list columns ``input_ids`` and ``loss_mask``::
+
+            ids = ds.data.column("input_ids").combine_chunks()
+            mask = ds.data.column("loss_mask").combine_chunks()
+            flat = FlatConversations.from_buffers(ids.values.to_numpy(), mask.values.to_numpy(
+                zero_copy_only=False), ids.offsets.to_numpy())
+
+        >>> flat = FlatConversations.from_buffers(np.array([5, 6, 7, 8]), np.array([0, 1, 1, 0], bool),
+        ...                                       np.array([0, 3, 4], np.int32))
+        >>> flat.lengths.tolist(), flat.loss_mask.dtype.name, len(pack(flat, 4))
+        ([3, 1], 'uint8', 1)
+        """
+        ids, mask, offs = (np.asarray(a) for a in (input_ids, loss_mask, offsets))
+        for name, a, kinds in (("input_ids", ids, "iu"), ("loss_mask", mask, "biu"), ("offsets", offs, "iu")):
+            if a.ndim != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+            if a.size and a.dtype.kind not in kinds:
+                raise ValueError(f"{name} must be {'bool or ' if 'b' in kinds else ''}integer, got dtype {a.dtype}")
+        if mask.shape != ids.shape:
+            raise ValueError(f"loss_mask has {mask.shape[0]} tokens but input_ids has {ids.shape[0]}")
+        if offs.size == 0:
+            raise ValueError("offsets needs at least one element (n conversations: n + 1)")
+        offs = offs.astype(np.int64, copy=False)
+        steps = np.diff(offs)
+        if offs[0] < 0 or offs[-1] > ids.shape[0] or (steps < 0).any():
+            raise ValueError(f"offsets must be non-decreasing within [0, {ids.shape[0]}]")
+        i = _first(steps == 0)
+        if i >= 0:
+            raise ValueError(f"conversation {i}: is empty")
+        if offs[0] != 0 or offs[-1] != ids.shape[0]:  # a slice of the buffers: rebase (views only)
+            ids, mask = ids[offs[0] : offs[-1]], mask[offs[0] : offs[-1]]
+            offs = offs - offs[0]
+        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+            pos = _first(ids > np.iinfo(np.int64).max)
+            raise ValueError(f"conversation {int(np.searchsorted(offs, pos, 'right') - 1)}: input_ids do not fit in int64")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if check_values:
+            for bad, what in ((ids < 0, "negative token id"), (mask.view(np.uint8) > 1 if mask.dtype == bool
+                                                               else (mask != 0) & (mask != 1), "loss_mask value")):
+                pos = _first(bad)
+                if pos >= 0:
+                    i = int(np.searchsorted(offs, pos, side="right") - 1)
+                    value = (ids if what.startswith("negative") else mask)[pos]
+                    raise ValueError(f"conversation {i}: {what} {value} at position {pos - offs[i]}")
+        if mask.dtype == bool:
+            mask = mask.view(np.uint8)
+        elif mask.dtype != np.uint8:
+            mask = (mask != 0).view(np.uint8)  # not astype: 256 must not wrap to 0 (untrained)
+        return cls(ids, np.ascontiguousarray(mask), np.ascontiguousarray(offs))
+
 
 def _to_numpy(a: Any) -> np.ndarray:
     if isinstance(a, np.ndarray):
