@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from refit_fast.packing import flatten, materialize, pack, plan_bins, row_buffers
+from refit_fast.packing import FlatConversations, flatten, materialize, pack, plan_bins, row_buffers
 
 N = int(os.environ.get("REFIT_BENCH_N", "200000"))
 CAP = 4096
@@ -58,6 +58,7 @@ def summary():
         return
     if "trl" in TIMES:
         for key, what in [("pack", "pack(), list input"), ("pack_flat", "pack(), flat input"),
+                          ("pack_arrow", "pack(), Arrow table via from_buffers"),
                           ("pack_rows", "pack() + every row built, flat input"),
                           ("plan_bfd", "plan_bins(bfd) alone")]:
             if key in TIMES:
@@ -166,6 +167,34 @@ def test_pack_end_to_end_flat(benchmark, data):
     TIMES["pack_flat"] = t
 
 
+def test_pack_from_arrow_table(benchmark, data):
+    """pack() from the same in-memory Arrow table TRL gets: FlatConversations.from_buffers (zero copy
+    of the int64 ids, values checked) and pack. Runs when pyarrow imports."""
+    pa = pytest.importorskip("pyarrow")
+    table = _arrow_table(pa, data["flat"])
+
+    def run():
+        ids, mask = table.column("input_ids").combine_chunks(), table.column("completion_mask").combine_chunks()
+        flat = FlatConversations.from_buffers(ids.values.to_numpy(), mask.values.to_numpy(zero_copy_only=False),
+                                              ids.offsets.to_numpy())
+        return pack(flat, CAP)
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    t = best(benchmark)
+    if t is None:
+        return
+    RESULTS["pack() end to end, Arrow table (values checked)"] = f"{t * 1e3:.0f} ms"
+    TIMES["pack_arrow"] = t
+
+
+def _arrow_table(pa, flat):
+    offsets = pa.array(flat.offsets.astype(np.int32))
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat.input_ids)),
+        "completion_mask": pa.ListArray.from_arrays(offsets, pa.array(flat.loss_mask.astype(np.int8))),
+    })
+
+
 def test_pack_and_read_every_row(benchmark, data):
     """pack() from flat input, then every row built by iterating (64 rows per C++ call)."""
 
@@ -195,12 +224,7 @@ def test_trl_pack_dataset(benchmark, data):
     except Exception as e:  # noqa: BLE001 - any import failure means "no TRL here"
         pytest.skip(f"trl/datasets not importable: {e}")
     datasets.disable_progress_bars()
-    flat = data["flat"]
-    offsets = pa.array(flat.offsets.astype(np.int32))
-    table = pa.table({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat.input_ids)),
-        "completion_mask": pa.ListArray.from_arrays(offsets, pa.array(flat.loss_mask.astype(np.int8))),
-    })
+    table = _arrow_table(pa, data["flat"])
     # Explicit fingerprints skip datasets' dill hashing of the table, which is outside what we compare
     # (and fails with some dill/pyarrow combinations).
     ds = datasets.Dataset(InMemoryTable(table), fingerprint="bench-input")

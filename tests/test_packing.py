@@ -582,6 +582,8 @@ def test_flat_from_buffers():
         (([1, 2], [0, 1], [0, 2, 2]), "conversation 1: is empty"),
         (([1, 2, -3], [0, 1, 1], [0, 1, 3]), "conversation 1: negative token id -3 at position 1"),
         (([1, 2, 3], [0, 1, 2], [0, 1, 3]), "conversation 1: loss_mask value 2 at position 1"),
+        (([1, 2, 3], np.array([0, -1, 1], np.int8), [0, 1, 3]), "conversation 1: loss_mask value -1 at position 0"),
+        (([1, 2, 3], np.array([0, 1, 3], np.uint8), [0, 1, 3]), "conversation 1: loss_mask value 3 at position 1"),
         ((np.array([1, 2**63], np.uint64), [0, 1], [0, 1, 2]), "conversation 1: input_ids do not fit in int64"),
     ],
 )

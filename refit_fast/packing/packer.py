@@ -145,17 +145,26 @@ class FlatConversations:
             pos = _first(ids > np.iinfo(np.int64).max)
             raise ValueError(f"conversation {int(np.searchsorted(offs, pos, 'right') - 1)}: input_ids do not fit in int64")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if check_values:
-            for bad, what in ((ids < 0, "negative token id"), (mask.view(np.uint8) > 1 if mask.dtype == bool
-                                                               else (mask != 0) & (mask != 1), "loss_mask value")):
-                pos = _first(bad)
-                if pos >= 0:
-                    i = int(np.searchsorted(offs, pos, side="right") - 1)
-                    value = (ids if what.startswith("negative") else mask)[pos]
-                    raise ValueError(f"conversation {i}: {what} {value} at position {pos - offs[i]}")
-        if mask.dtype == bool:
+        if check_values and ids.size:
+            # min/max first (one read each, no temporary); the offender is located only on failure.
+            pos, what = -1, ""
+            if ids.min() < 0:
+                pos = _first(ids < 0)
+                what = f"negative token id {ids[pos]}"
+            elif mask.itemsize == 1:  # one OR pass over the bytes; int8 -1 reads as 255
+                raw = mask.view(np.uint8)
+                if np.bitwise_or.reduce(raw) > 1:
+                    pos = _first(raw > 1)
+            elif mask.min() < 0 or mask.max() > 1:
+                pos = _first((mask < 0) | (mask > 1))
+            if pos >= 0 and not what:
+                what = f"loss_mask value {mask[pos]}"
+            if pos >= 0:
+                i = int(np.searchsorted(offs, pos, side="right") - 1)
+                raise ValueError(f"conversation {i}: {what} at position {pos - offs[i]}")
+        if mask.itemsize == 1:  # bool, int8, uint8: the same bytes; non-zero means trained
             mask = mask.view(np.uint8)
-        elif mask.dtype != np.uint8:
+        else:
             mask = (mask != 0).view(np.uint8)  # not astype: 256 must not wrap to 0 (untrained)
         return cls(ids, np.ascontiguousarray(mask), np.ascontiguousarray(offs))
 
