@@ -58,7 +58,7 @@ def summary():
         return
     if "trl" in TIMES:
         for key, what in [("pack", "pack(), list input"), ("pack_flat", "pack(), flat input"),
-                          ("pack_arrow", "pack(), Arrow table via from_buffers"),
+                          ("pack_arrow", "pack(), Arrow table via from_arrow"),
                           ("pack_rows", "pack() + every row built, flat input"),
                           ("plan_bfd", "plan_bins(bfd) alone")]:
             if key in TIMES:
@@ -168,16 +168,13 @@ def test_pack_end_to_end_flat(benchmark, data):
 
 
 def test_pack_from_arrow_table(benchmark, data):
-    """pack() from the same in-memory Arrow table TRL gets: FlatConversations.from_buffers (zero copy
-    of the int64 ids, values checked) and pack. Runs when pyarrow imports."""
+    """pack() from the same in-memory Arrow table TRL gets: FlatConversations.from_arrow (no copy of
+    the int64 ids; ids and mask values checked) and pack. Runs when pyarrow imports."""
     pa = pytest.importorskip("pyarrow")
     table = _arrow_table(pa, data["flat"])
 
     def run():
-        ids, mask = table.column("input_ids").combine_chunks(), table.column("completion_mask").combine_chunks()
-        flat = FlatConversations.from_buffers(ids.values.to_numpy(), mask.values.to_numpy(zero_copy_only=False),
-                                              ids.offsets.to_numpy())
-        return pack(flat, CAP)
+        return pack(FlatConversations.from_arrow(table["input_ids"], table["completion_mask"]), CAP)
 
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
     t = best(benchmark)

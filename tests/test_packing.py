@@ -569,6 +569,41 @@ def test_flat_from_buffers():
     assert wide.loss_mask.tolist() == [0, 1, 1]
 
 
+def test_flat_from_arrow():
+    pa = pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(43)
+    convs = make_convs(rng.integers(1, 30, 12), rng)
+    table = pa.table({"input_ids": [c[0].tolist() for c in convs], "loss_mask": [c[1].astype(np.int8).tolist() for c in convs]})
+    want = flatten(convs)
+    flat = FlatConversations.from_arrow(table["input_ids"], table["loss_mask"])
+    for k in ("input_ids", "loss_mask", "offsets"):
+        np.testing.assert_array_equal(getattr(flat, k), getattr(want, k))
+    values = table["input_ids"].chunk(0).values.to_numpy()
+    assert np.shares_memory(flat.input_ids, values)  # one int64 chunk: no copy
+    # A sliced table (values buffers start before the slice) and several chunks.
+    part = table.slice(3, 5)
+    got = FlatConversations.from_arrow(part["input_ids"], part["loss_mask"])
+    np.testing.assert_array_equal(got.input_ids, flatten(convs[3:8]).input_ids)
+    np.testing.assert_array_equal(got.loss_mask, flatten(convs[3:8]).loss_mask)
+    chunked = pa.concat_tables([table.slice(0, 4), table.slice(4)])
+    assert chunked["input_ids"].num_chunks == 2
+    np.testing.assert_array_equal(FlatConversations.from_arrow(chunked["input_ids"], chunked["loss_mask"]).offsets, want.offsets)
+    # Columns sliced at different places but with equal row lengths line up.
+    same = pa.table({"a": [[1, 2], [3], [4, 5]], "m": [[0, 1], [1], [1, 1]]})
+    got = FlatConversations.from_arrow(same["a"].slice(1, 2), same["m"].slice(1, 2))
+    assert got.input_ids.tolist() == [3, 4, 5] and got.loss_mask.tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="conversation 0: loss_mask has length 2 but input_ids has length 1"):
+        FlatConversations.from_arrow(same["a"].slice(1, 2), same["m"].slice(0, 2))
+    with pytest.raises(ValueError, match="rows but input_ids has"):
+        FlatConversations.from_arrow(same["a"], same["m"].slice(0, 2))
+    with pytest.raises(ValueError, match="null"):
+        FlatConversations.from_arrow(pa.array([[1, 2], None]), pa.array([[0, 1], [1]]))
+    with pytest.raises(ValueError, match="list array"):
+        FlatConversations.from_arrow(np.array([1, 2]), same["m"])
+    with pytest.raises(ValueError, match="conversation 1: negative token id -4"):
+        FlatConversations.from_arrow(pa.array([[1], [2, -4]]), pa.array([[0], [1, 1]]))
+
+
 @pytest.mark.parametrize(
     "args, match",
     [

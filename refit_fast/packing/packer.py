@@ -98,6 +98,45 @@ class FlatConversations:
         return self.input_ids[a:b], self.loss_mask[a:b]
 
     @classmethod
+    def from_arrow(cls, input_ids, loss_mask, *, check_values: bool = True) -> "FlatConversations":
+        """From two Arrow list columns (``ListArray``, ``LargeListArray`` or a ``ChunkedArray`` of
+        them), e.g. ``ds.data["input_ids"]`` of a Hugging Face ``datasets.Dataset``. ``ds.data`` is
+        the table *without* the row mapping that ``select``/``shuffle``/``filter`` add: call
+        ``ds = ds.flatten_indices()`` first on such a dataset.
+
+        The token values are not copied when they are int64 and in one chunk (several chunks are
+        combined first); the mask column must have the same row lengths. Null rows or tokens raise
+        ``ValueError``. Checks as :meth:`from_buffers`. pyarrow is not imported here: any object
+        with pyarrow's list-array interface works.
+
+        >>> import pyarrow as pa  # doctest: +SKIP
+        >>> table = pa.table({"input_ids": [[5, 6, 7], [8]], "loss_mask": [[0, 1, 1], [1]]})  # doctest: +SKIP
+        >>> FlatConversations.from_arrow(table["input_ids"], table["loss_mask"]).lengths.tolist()  # doctest: +SKIP
+        [3, 1]
+        """
+        def one_array(col, name):
+            if hasattr(col, "chunks"):  # ChunkedArray: one chunk is used as is, several are combined
+                col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+            if not (hasattr(col, "offsets") and hasattr(col, "values")):
+                raise ValueError(f"{name} must be an Arrow list array, got {type(col).__name__}")
+            if col.null_count or col.values.null_count:
+                raise ValueError(f"{name} has null entries")
+            # .values ignores a slice's offset; .offsets does not: from_buffers rebases.
+            return col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy(zero_copy_only=False)
+
+        ids, offsets = one_array(input_ids, "input_ids")
+        mask, mask_offsets = one_array(loss_mask, "loss_mask")
+        lengths, mask_lengths = np.diff(offsets), np.diff(mask_offsets)
+        if lengths.shape != mask_lengths.shape:
+            raise ValueError(f"loss_mask has {mask_lengths.shape[0]} rows but input_ids has {lengths.shape[0]}")
+        i = _first(lengths != mask_lengths)
+        if i >= 0:
+            raise ValueError(f"conversation {i}: loss_mask has length {mask_lengths[i]} but input_ids has length {lengths[i]}")
+        # Each column may be a slice of a longer buffer at its own place: cut both to their rows.
+        ids, mask = ids[offsets[0] : offsets[-1]], mask[mask_offsets[0] : mask_offsets[-1]]
+        return cls.from_buffers(ids, mask, offsets - offsets[0], check_values=check_values)
+
+    @classmethod
     def from_buffers(cls, input_ids, loss_mask, offsets, *, check_values: bool = True) -> "FlatConversations":
         """From flat buffers you already have, such as an Arrow list column's values and offsets.
 
@@ -109,12 +148,7 @@ class FlatConversations:
         first negative id or mask value other than 0/1. Without it, ids are checked as rows are
         built.
 
-        A Hugging Face dataset with list columns ``input_ids`` and ``loss_mask``::
-
-            ids = ds.data.column("input_ids").combine_chunks()
-            mask = ds.data.column("loss_mask").combine_chunks()
-            flat = FlatConversations.from_buffers(ids.values.to_numpy(), mask.values.to_numpy(
-                zero_copy_only=False), ids.offsets.to_numpy())
+        For Arrow list columns (a Hugging Face dataset's), :meth:`from_arrow` does the unpacking.
 
         >>> flat = FlatConversations.from_buffers(np.array([5, 6, 7, 8]), np.array([0, 1, 1, 0], bool),
         ...                                       np.array([0, 3, 4], np.int32))
