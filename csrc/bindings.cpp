@@ -151,7 +151,14 @@ std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std:
 // bool/integer mask) with the GIL held, then copies and checks values (ids >= 0, mask 0/1) without
 // it. Errors name the first bad conversation: shape and dtype problems over all conversations
 // first, then values, the same order as the numpy fallback in packer.py.
-py::tuple flatten_arrays(const py::list& ids, const py::list& masks) {
+bool native_byte_order(const py::dtype& dt) {
+  const uint16_t probe = 1;
+  const char native = *reinterpret_cast<const uint8_t*>(&probe) == 1 ? '<' : '>';
+  const char bo = dt.byteorder();
+  return bo == '=' || bo == '|' || bo == native;
+}
+
+py::object flatten_arrays(const py::list& ids, const py::list& masks) {
   const size_t n = ids.size();
   if (masks.size() != n) throw std::invalid_argument("ids and masks differ in count");
   std::vector<ArrayRef> ri(n), rm(n);
@@ -168,6 +175,9 @@ py::tuple flatten_arrays(const py::list& ids, const py::list& masks) {
       bad_conversation(i, "loss_mask has length " + std::to_string(m.shape(0)) + " but input_ids has length " +
                               std::to_string(a.shape(0)));
     if (a.shape(0) == 0) bad_conversation(i, "is empty");
+    // The copy loops read raw native integers: swapped-byte-order arrays go back to Python to be
+    // converted (None = "convert and call again"), never misread.
+    if (!native_byte_order(a.dtype()) || !native_byte_order(m.dtype())) return py::none();
     const char ka = a.dtype().kind(), km = m.dtype().kind();
     if (ka != 'i' && ka != 'u') bad_conversation(i, "input_ids must be integers, got dtype " + dtype_name(a));
     if (km != 'b' && km != 'i' && km != 'u')
@@ -207,7 +217,8 @@ PYBIND11_MODULE(_packing, m) {
         "are skipped. strategy 0 = best-fit-decreasing, 1 = first-fit over shuffled input.");
   m.def("flatten", &flatten_arrays, py::arg("ids"), py::arg("masks"),
         "Check and concatenate per-conversation 1-D arrays (lists of numpy arrays) into (ids int64, "
-        "mask uint8, offsets int64[n+1]); raises ValueError naming the first bad conversation.");
+        "mask uint8, offsets int64[n+1]); raises ValueError naming the first bad conversation. "
+        "Returns None, copying nothing, if some array is not in native byte order.");
   m.def("materialize", &materialize, py::arg("ids"), py::arg("mask"), py::arg("conv_offsets"),
         py::arg("bin_offsets"), py::arg("items"), py::arg("pad_to"), py::arg("pad_id"),
         py::arg("int32_out"), py::arg("out") = py::none(),

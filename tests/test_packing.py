@@ -567,6 +567,8 @@ def test_flat_from_buffers():
     # Integer masks: any non-zero is trained, never wrapped to 0 (256 as uint8 would be 0).
     wide = FlatConversations.from_buffers([1, 2, 3], np.array([0, 256, 1], np.int64), [0, 3], check_values=False)
     assert wide.loss_mask.tolist() == [0, 1, 1]
+    swapped = FlatConversations.from_buffers(np.array([7, 8], ">i4"), np.array([0, 1], ">i2"), np.array([0, 2], ">i8"))
+    assert swapped.input_ids.tolist() == [7, 8] and swapped.loss_mask.tolist() == [0, 1] and swapped.input_ids.dtype.isnative
 
 
 def test_flat_from_arrow():
@@ -620,6 +622,7 @@ def test_flat_from_arrow():
         (([1, 2, 3], np.array([0, -1, 1], np.int8), [0, 1, 3]), "conversation 1: loss_mask value -1 at position 0"),
         (([1, 2, 3], np.array([0, 1, 3], np.uint8), [0, 1, 3]), "conversation 1: loss_mask value 3 at position 1"),
         ((np.array([1, 2**63], np.uint64), [0, 1], [0, 1, 2]), "conversation 1: input_ids do not fit in int64"),
+        ((np.array([1, 2**63], ">u8"), [0, 1], [0, 1, 2]), "conversation 1: input_ids do not fit in int64"),
     ],
 )
 def test_flat_from_buffers_errors(args, match):
@@ -657,6 +660,9 @@ def test_flatten_paths_agree_on_dtypes_and_views(flatten_path):
         if i % 5 == 0:  # strided views: every other element of a longer array
             ids = np.repeat(ids, 2)[::2]
             mask = np.repeat(mask, 2)[::2]
+        if i % 7 == 3:  # swapped byte order (e.g. read from a big-endian file)
+            ids = ids.astype(ids.dtype.newbyteorder(">" if sys.byteorder == "little" else "<"))
+            mask = mask.astype(mask.dtype.newbyteorder(">" if sys.byteorder == "little" else "<"))
         convs.append((ids, mask))
     flat = flatten(convs)
     assert flat.input_ids.dtype == np.int64 and flat.loss_mask.dtype == np.uint8

@@ -175,7 +175,7 @@ class FlatConversations:
         if offs[0] != 0 or offs[-1] != ids.shape[0]:  # a slice of the buffers: rebase (views only)
             ids, mask = ids[offs[0] : offs[-1]], mask[offs[0] : offs[-1]]
             offs = offs - offs[0]
-        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+        if ids.dtype.kind == "u" and ids.itemsize == 8 and ids.size and ids.max() > np.iinfo(np.int64).max:
             pos = _first(ids > np.iinfo(np.int64).max)
             raise ValueError(f"conversation {int(np.searchsorted(offs, pos, 'right') - 1)}: input_ids do not fit in int64")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -265,7 +265,11 @@ def flatten(conversations) -> FlatConversations:
     if ext is not None:
         # One C++ pass: shape/dtype checks, then copy + value checks (ids >= 0, mask 0/1) with the
         # GIL released; the same errors, in the same order, as the numpy path below.
-        return FlatConversations(*ext.flatten(ids_col, mask_col))
+        out = ext.flatten(ids_col, mask_col)
+        if out is None:  # some array has swapped byte order: convert those, then copy
+            native = lambda col: [a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("=")) for a in col]  # noqa: E731
+            out = ext.flatten(native(ids_col), native(mask_col))
+        return FlatConversations(*out)
     return _flatten_numpy(ids_col, mask_col)
 
 
