@@ -551,6 +551,17 @@ def test_hand_built_flat_values_are_checked_when_rows_are_built():
         materialize(wide, plan_bins([2], 2), dtype=np.int32)
 
 
+def test_hand_built_flat_layout_is_checked():
+    ids, mask, offsets = np.array([1, 2, 3]), np.array([0, 1, 1], np.uint8), np.array([0, 3])
+    FlatConversations(ids, mask, offsets)
+    for bad in [(ids.astype(np.int32), mask, offsets), (ids, mask.astype(bool), offsets),
+                (ids, mask, offsets.astype(np.int32)), (ids.astype(">i8"), mask, offsets),
+                (np.repeat(ids, 2)[::2], mask, offsets), (ids, mask[:2], offsets),
+                (ids, mask, np.zeros(0, np.int64)), (ids.tolist(), mask, offsets)]:
+        with pytest.raises(ValueError, match="from_buffers"):
+            FlatConversations(*bad)
+
+
 def test_flat_from_buffers():
     rng = np.random.default_rng(41)
     convs = make_convs(rng.integers(1, 30, 25), rng)

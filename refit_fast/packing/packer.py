@@ -85,6 +85,19 @@ class FlatConversations:
     loss_mask: np.ndarray
     offsets: np.ndarray
 
+    def __post_init__(self):
+        # O(1) layout checks, so a hand-built one fails here with a hint, not in the C++ call.
+        for name, want in (("input_ids", np.int64), ("loss_mask", np.uint8), ("offsets", np.int64)):
+            a = getattr(self, name)
+            if not (isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype == want and a.dtype.isnative
+                    and a.flags.c_contiguous):
+                got = f"{a.dtype}{'' if a.dtype.isnative else ' (swapped bytes)'} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"FlatConversations.{name} must be a contiguous 1-D {np.dtype(want)} array, "
+                                 f"got {got}; FlatConversations.from_buffers converts and checks")
+        if self.loss_mask.shape != self.input_ids.shape or self.offsets.shape[0] < 1:
+            raise ValueError("FlatConversations: loss_mask must match input_ids and offsets needs n + 1 >= 1 "
+                             "entries; FlatConversations.from_buffers converts and checks")
+
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
