@@ -147,10 +147,6 @@ py::dict materialize(const CArray<int64_t>& ids, const CArray<uint8_t>& mask,
 
 std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
-// flatten's core: checks every conversation's arrays (1-D, equal non-zero lengths, integer ids,
-// bool/integer mask) with the GIL held, then copies and checks values (ids >= 0, mask 0/1) without
-// it. Errors name the first bad conversation: shape and dtype problems over all conversations
-// first, then values, the same order as the numpy fallback in packer.py.
 bool native_byte_order(const py::dtype& dt) {
   const uint16_t probe = 1;
   const char native = *reinterpret_cast<const uint8_t*>(&probe) == 1 ? '<' : '>';
@@ -158,6 +154,10 @@ bool native_byte_order(const py::dtype& dt) {
   return bo == '=' || bo == '|' || bo == native;
 }
 
+// flatten's core: checks every conversation's arrays (1-D, equal non-zero lengths, integer ids,
+// bool/integer mask) with the GIL held, then copies and checks values (ids >= 0, mask 0/1) without
+// it. Errors name the first bad conversation: shape and dtype problems over all conversations
+// first, then values, the same order as the numpy fallback in packer.py.
 py::object flatten_arrays(const py::list& ids, const py::list& masks) {
   const size_t n = ids.size();
   if (masks.size() != n) throw std::invalid_argument("ids and masks differ in count");
