@@ -512,6 +512,13 @@ def test_streamed_fill_matches_cached_fill(dtype, pad):
         for key in ("input_ids", "labels", "position_ids", "seq_ids"):
             np.testing.assert_array_equal(getattr(part, key), getattr(whole, key)[lo:hi], err_msg=key)
         np.testing.assert_array_equal(part.max_seqlen, whole.max_seqlen[a : a + 200])
+    # Streamed into caller buffers that start off a 16-byte boundary (views one element in).
+    keys = ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens")
+    bufs = {k: np.full(getattr(whole, k).shape[0] + 1, 7, getattr(whole, k).dtype)[1:] for k in keys}
+    assert bufs["input_ids"].ctypes.data % 16 != 0
+    odd = materialize(flat, plan, dtype=dtype, pad_to=pad, out=bufs)
+    for key in keys:
+        np.testing.assert_array_equal(getattr(odd, key), getattr(whole, key), err_msg=key)
     # And one row against the definition, in the middle of the streamed output.
     k = len(plan) // 2
     convs = {int(c): flat.conversation(int(c)) for c in plan[k]}
