@@ -101,7 +101,7 @@ def test_plan(benchmark, data, strategy):
     TIMES[f"plan_{strategy}"] = best(benchmark)
 
 
-def _rate(benchmark, data, key, label):
+def _rate(benchmark, data, label):
     if best(benchmark) is None:
         return None
     rate = data["tokens"] / best(benchmark) / 1e6
@@ -114,7 +114,7 @@ def test_materialize_fresh_arrays(benchmark, data):
     """All rows at once into newly allocated arrays (Packed.materialize_all): page faults included."""
     plan = plan_bins(data["lengths"], CAP)
     benchmark.pedantic(materialize, args=(data["flat"], plan), rounds=2, warmup_rounds=1)
-    _rate(benchmark, data, "fresh", "materialize all rows, new int64 arrays")
+    _rate(benchmark, data, "materialize all rows, new int64 arrays")
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32], ids=["int64", "int32"])
@@ -124,7 +124,7 @@ def test_materialize_preallocated(benchmark, data, dtype):
     out = row_buffers(plan, data["lengths"], dtype=dtype)
     benchmark.pedantic(materialize, args=(data["flat"], plan), kwargs={"dtype": dtype, "out": out},
                        rounds=3, warmup_rounds=1)
-    _rate(benchmark, data, "prealloc", f"materialize all rows, preallocated {np.dtype(dtype)}")
+    _rate(benchmark, data, f"materialize all rows, preallocated {np.dtype(dtype)}")
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32], ids=["int64", "int32"])
@@ -138,7 +138,7 @@ def test_materialize_batches(benchmark, data, dtype):
             materialize(flat, plan, rows=slice(a, a + BATCH_ROWS), dtype=dtype, out=out)
 
     benchmark.pedantic(epoch, rounds=3, warmup_rounds=1)
-    _rate(benchmark, data, "batches", f"materialize {BATCH_ROWS}-row batches, reused {np.dtype(dtype)} buffer")
+    _rate(benchmark, data, f"materialize {BATCH_ROWS}-row batches, reused {np.dtype(dtype)} buffer")
 
 
 def test_pack_end_to_end(benchmark, data):

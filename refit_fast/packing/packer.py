@@ -190,7 +190,7 @@ class FlatConversations:
             offs = offs - offs[0]
         if ids.dtype.kind == "u" and ids.itemsize == 8 and ids.size and ids.max() > np.iinfo(np.int64).max:
             pos = _first(ids > np.iinfo(np.int64).max)
-            raise ValueError(f"conversation {int(np.searchsorted(offs, pos, 'right') - 1)}: input_ids do not fit in int64")
+            raise ValueError(f"conversation {_conversation_at(offs, pos)}: input_ids do not fit in int64")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if check_values and ids.size:
             # min/max first (one read each, no temporary); the offender is located only on failure.
@@ -207,7 +207,7 @@ class FlatConversations:
             if pos >= 0 and not what:
                 what = f"loss_mask value {mask[pos]}"
             if pos >= 0:
-                i = int(np.searchsorted(offs, pos, side="right") - 1)
+                i = _conversation_at(offs, pos)
                 raise ValueError(f"conversation {i}: {what} at position {pos - offs[i]}")
         if mask.itemsize == 1:  # bool, int8, uint8: the same bytes; non-zero means trained
             mask = mask.view(np.uint8)
@@ -235,6 +235,11 @@ def _arrays(column: list, what: str) -> list[np.ndarray]:
         except Exception as e:  # noqa: BLE001 - any conversion failure is bad input
             raise ValueError(f"conversation {i}: {what} is not an array ({e})") from e
     return out
+
+
+def _conversation_at(offsets: np.ndarray, pos: int) -> int:
+    """Index of the conversation whose tokens [offsets[i], offsets[i+1]) contain flat position pos."""
+    return int(np.searchsorted(offsets, pos, side="right") - 1)
 
 
 def _first(flags: np.ndarray) -> int:
@@ -340,12 +345,12 @@ def _flatten_numpy(ids_col: list, mask_col: list) -> FlatConversations:
         raw = np.concatenate(mask_col)
         if raw.size and (raw.min() < 0 or raw.max() > 1):
             pos = _first((raw != 0) & (raw != 1))
-            i = int(np.searchsorted(offsets, pos, side="right") - 1)
+            i = _conversation_at(offsets, pos)
             raise ValueError(f"conversation {i}: loss_mask values must be 0 or 1, got {raw[pos]}")
         mask = raw.astype(np.uint8)
     if ids.size and ids.min() < 0:
         pos = _first(ids < 0)
-        i = int(np.searchsorted(offsets, pos, side="right") - 1)
+        i = _conversation_at(offsets, pos)
         raise ValueError(f"conversation {i}: negative token id {ids[pos]} at position {pos - offsets[i]}")
     return FlatConversations(ids, mask, offsets)
 
@@ -766,27 +771,24 @@ def pack(
     if not isinstance(conversations, FlatConversations):
         convs = conversations if isinstance(conversations, (list, tuple)) else list(conversations)
     flat = flatten(convs if convs is not None else conversations)
-    lengths = flat.lengths
+    total = int(flat.offsets[-1])
     counts = {}
+    tok_trunc = 0
     if overlong == "error":
+        lengths = flat.lengths
         i = _first(lengths > cap)
         if i >= 0:
             raise ValueError(f"conversation {i} has {lengths[i]} tokens, more than max_tokens={cap}")
     elif overlong == "truncate_turns":
-        total = int(lengths.sum())
         flat, n_trunc, tok_trunc = _truncate(flat, convs, cap)
         counts = {"truncated_conversations": n_trunc, "truncated_tokens": tok_trunc}
-        kept_lengths = flat.lengths
-        dropped = kept_lengths > cap
-        counts["dropped_conversations"] = int(dropped.sum())
-        # dropped tokens are counted at their original length
-        counts["dropped_tokens"] = total - tok_trunc - int(kept_lengths[~dropped].sum())
     lengths = flat.lengths
     plan = plan_bins(lengths, cap, strategy=strategy, seed=seed)
     kept_tokens = int(lengths[plan.items].sum())
-    if overlong != "truncate_turns":  # conversations in no bin were dropped by the planner
-        counts = {"dropped_conversations": len(flat) - int(plan.items.shape[0]),
-                  "dropped_tokens": int(flat.offsets[-1]) - kept_tokens}
+    # Conversations in no bin were dropped by the planner (still over-long after any truncation);
+    # their tokens count at their original length.
+    counts["dropped_conversations"] = len(flat) - int(plan.items.shape[0])
+    counts["dropped_tokens"] = total - tok_trunc - kept_tokens
     # Rows are built when accessed (see Packed): packing costs what planning costs.
     return Packed(flat, plan, _stats(flat, plan, pad_to, kept_tokens, counts), pad_to)
 
