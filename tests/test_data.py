@@ -237,6 +237,22 @@ def test_prompt_key(tok):
     assert out[0].prompt_key == out[1].prompt_key != out[2].prompt_key
 
 
+def test_group_field_is_carried_through_tokenization(tok):
+    rows = [chat(("user", "hi"), ("assistant", "x"), group=7), chat(("user", "hello"), ("assistant", "y"), group="7"),
+            chat(("user", "hi"), ("assistant", "z")), chat(("user", "hi"), ("assistant", "w"), task="t1"),
+            {"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1], "reward": 0.5, "group": "a"},
+            chat(("user", "hi"), ("assistant", "x"), group=None)]
+    out, report = load_tokenized(rows, tok, progress=False)
+    assert report.ok and [t.group for t in out] == ["7", "7", None, None, "a", None]  # 7 and "7": one group, like ids
+    out, _ = load_tokenized(rows, tok, progress=False, group_key="task")
+    assert [t.group for t in out] == [None, None, None, "t1", None, None]
+    bad = [chat(("user", "hi"), ("assistant", "x"), group=v) for v in (1.5, True, [1], {"a": 1})]
+    convs, report = load_conversations(bad)
+    assert convs == [] and report.skipped == {"bad_group": 4}
+    with pytest.raises(DataError, match=r"dataset\[0\]: 'group' must be a string or integer"):
+        load_conversations(bad, strict=True)
+
+
 # --- loading and validation ---------------------------------------------------------------------
 
 BAD_LINES = {

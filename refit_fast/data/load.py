@@ -8,6 +8,9 @@ One row is one conversation with one scalar reward:
                               {"role": "assistant", "content": "see you"}], "reward": 0.7}
 
 or an already tokenized row: `{"input_ids": [...], "loss_mask": [0, 0, 1, ...], "reward": 0.7}`.
+An optional `"group"` (a string or an integer) names the context a conversation was logged for;
+conversations with the same group are the m samples Swift standardizes together (without it, the
+prompt key groups them).
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ class Conversation:
     `messages` are the dicts the chat template sees (the `train` flag removed; other keys kept);
     `train[k]` is False for an assistant message logged with `"train": false`. Pre-tokenized rows
     have `messages=None` and carry `input_ids` / `loss_mask` instead. `location` is where the row
-    came from (`file.jsonl:12` or `dataset[11]`), for error messages.
+    came from (`file.jsonl:12` or `dataset[11]`), for error messages. `group` is the row's group
+    field as a string (None when absent or null): it overrides `prompt_key` as the conversation's group.
     """
 
     id: str
@@ -46,6 +50,7 @@ class Conversation:
     input_ids: np.ndarray | None = None
     loss_mask: np.ndarray | None = None
     location: str = ""
+    group: str | None = None
 
     @property
     def is_tokenized(self) -> bool:
@@ -90,6 +95,7 @@ def load_conversations(
     messages_key: str = "messages",
     reward_key: str = "reward",
     id_key: str = "id",
+    group_key: str = "group",
     roles: Iterable[str] = DEFAULT_ROLES,
     strict: bool = False,
     report: ValidationReport | None = None,
@@ -98,8 +104,9 @@ def load_conversations(
 
     `source`: a path (`.jsonl`, or `.jsonl.gz`), a list of paths, or rows already in memory (a
     `datasets.Dataset` or any iterable of dicts; `datasets` itself is never imported). Keys are
-    configurable (`messages_key`, `reward_key`, `id_key`); roles outside `roles` are errors. Rows
-    without an id get `file.jsonl:LINE` (or `dataset[i]`). Blank lines are not rows. In the default
+    configurable (`messages_key`, `reward_key`, `id_key`, `group_key`); roles outside `roles` are
+    errors. Rows without an id get `file.jsonl:LINE` (or `dataset[i]`). A group (optional) must be a
+    string or an integer (kept as its string, like ids: 1 and "1" are the same group). Blank lines are not rows. In the default
     mode bad rows are skipped and counted in the report; `strict=True` raises `DataError` (a
     `ValueError` whose message starts with `file:line`) at the first bad row.
 
@@ -116,7 +123,7 @@ def load_conversations(
     out: list[Conversation] = []
     seen_ids: set[str] = set()
     for location, default_id, row in _rows(source, report):
-        conv = _parse_row(row, location, default_id, report, messages_key, reward_key, id_key, roles)
+        conv = _parse_row(row, location, default_id, report, messages_key, reward_key, id_key, group_key, roles)
         if conv is None:
             continue
         if conv.id in seen_ids:
@@ -166,7 +173,7 @@ def _jsonl_rows(path: str, report: ValidationReport) -> Iterator[tuple[str, str,
             yield location, f"{name}:{lineno}", row
 
 
-def _parse_row(row, location, default_id, report, messages_key, reward_key, id_key, roles) -> Conversation | None:
+def _parse_row(row, location, default_id, report, messages_key, reward_key, id_key, group_key, roles) -> Conversation | None:
     if not isinstance(row, Mapping):
         report.problem("not_an_object", location, f"expected a JSON object, got {type(row).__name__}")
         return None
@@ -178,6 +185,12 @@ def _parse_row(row, location, default_id, report, messages_key, reward_key, id_k
     else:
         report.problem("bad_id", location, f"{id_key!r} must be a string or integer, got {type(cid).__name__}")
         return None
+    group = row.get(group_key)
+    if group is not None:
+        if not isinstance(group, (str, int)) or isinstance(group, bool):
+            report.problem("bad_group", location, f"{group_key!r} must be a string or integer, got {type(group).__name__} {_short(group)}")
+            return None
+        group = str(group)
 
     if messages_key not in row and "input_ids" in row:
         parsed = _parse_tokens(row, location, report)
@@ -187,7 +200,7 @@ def _parse_row(row, location, default_id, report, messages_key, reward_key, id_k
         if reward is None:
             return None
         ids, mask = parsed
-        return Conversation(cid, None, reward, prompt_key_of_tokens(ids, mask), (), ids, mask, location)
+        return Conversation(cid, None, reward, prompt_key_of_tokens(ids, mask), (), ids, mask, location, group)
 
     parsed = _parse_messages(row, location, report, messages_key, roles)
     if parsed is None:
@@ -196,7 +209,7 @@ def _parse_row(row, location, default_id, report, messages_key, reward_key, id_k
     reward = _parse_reward(row, location, report, reward_key)
     if reward is None:
         return None
-    return Conversation(cid, messages, reward, prompt_key_of_messages(messages), train, None, None, location)
+    return Conversation(cid, messages, reward, prompt_key_of_messages(messages), train, None, None, location, group)
 
 
 def _parse_messages(row, location, report, key, roles):

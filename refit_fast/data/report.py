@@ -23,6 +23,7 @@ REASONS = {
     "bad_reward": "reward is not a number",
     "non_finite_reward": "reward is NaN or infinite",
     "bad_id": "id is not a string or integer",
+    "bad_group": "group is not a string or integer",
     "bad_tokens": "pre-tokenized input_ids/loss_mask are malformed",
     "template_error": "the chat template failed to render",
     "template_mismatch": "the chat template breaks the prefix property, so turn spans are unsafe",

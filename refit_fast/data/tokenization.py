@@ -25,7 +25,8 @@ class TokenizedConversation:
 
     `input_ids` int64 [T]; `loss_mask` uint8 [T], 1 where token j is a target (the packer shifts:
     the label of position j-1 is `input_ids[j]` when `loss_mask[j] == 1`); `loss_mask[0]` is always 0.
-    `prompt_key` is equal for conversations with the same prompt (messages before the first assistant turn).
+    `prompt_key` is equal for conversations with the same prompt (messages before the first assistant turn);
+    `group` is the row's group field (None when absent), which overrides it as the conversation's group.
     """
 
     id: str
@@ -33,6 +34,7 @@ class TokenizedConversation:
     loss_mask: np.ndarray
     reward: float
     prompt_key: str
+    group: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -116,7 +118,7 @@ def tokenize_conversations(
 def load_tokenized(source, tokenizer, **opts) -> tuple[list[TokenizedConversation], ValidationReport]:
     """`load_conversations` then `tokenize_conversations`, with one report covering both.
 
-    Options are split by name between the two (`messages_key`, `reward_key`, `id_key`, `roles` go to
+    Options are split by name between the two (`messages_key`, `reward_key`, `id_key`, `group_key`, `roles` go to
     loading; `max_tokens`, `overflow`, `progress`, `batch_size`, `chat_template`, `exact_prefix` to
     tokenization;
     `strict` to both).
@@ -125,7 +127,7 @@ def load_tokenized(source, tokenizer, **opts) -> tuple[list[TokenizedConversatio
         >>> data, report = load_tokenized("logs.jsonl", tokenizer, max_tokens=4096)  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
-    load_keys = {"messages_key", "reward_key", "id_key", "roles"}
+    load_keys = {"messages_key", "reward_key", "id_key", "group_key", "roles"}
     tok_keys = {"max_tokens", "overflow", "progress", "batch_size", "chat_template", "exact_prefix"}
     unknown = set(opts) - load_keys - tok_keys - {"strict"}
     if unknown:
@@ -391,7 +393,7 @@ def _finish(conv, ids, mask, vocab, max_tokens, overflow, report) -> TokenizedCo
     if not mask.any():
         report.problem("empty_mask", conv.location, f"no trained token among {len(ids)} (all assistant turns empty or cut?)")
         return None
-    return TokenizedConversation(conv.id, ids, mask, conv.reward, conv.prompt_key)
+    return TokenizedConversation(conv.id, ids, mask, conv.reward, conv.prompt_key, conv.group)
 
 
 def _diff(tokenizer, full, pre) -> str:
