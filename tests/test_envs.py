@@ -1,6 +1,11 @@
-"""The clarifying-QA environment: rules, truthful user, horizon, malformed turns, determinism, the
-scripted policies, and `refit-fast collect`. Pure Python, a few seconds."""
+"""The clarifying-QA environment: rules, truthful user, horizon, malformed turns, the graded and
+binary rewards, determinism, the scripted policies, evaluation, and `refit-fast collect`. Pure
+Python, a few seconds."""
+import hashlib
 import json
+import math
+import random
+import statistics
 
 import pytest
 
@@ -25,7 +30,7 @@ from refit_fast.envs import (
     vocabulary,
     write_jsonl,
 )
-from refit_fast.envs.clarify import NOT_UNDERSTOOD
+from refit_fast.envs.clarify import NOT_UNDERSTOOD, SUCCESS_THRESHOLD, graded_reward
 
 SEEDS = range(200)
 
@@ -50,27 +55,214 @@ def test_reset_gives_an_ambiguous_opening():
             assert len(values) == (4 if a == ep.attribute else 1)
 
 
-def test_rewards_correct_wrong_ambiguous():
+@pytest.mark.parametrize("mode, right, wrong", [("graded", 0.8, 0.2), ("binary", 1.0, 0.0)])
+def test_rewards_correct_wrong_ambiguous(mode, right, wrong):
+    # An answer on the first turn: graded pays 0.6 + 0.4 * 0.5 when right, 0.4 * 0.5 otherwise.
     for s in SEEDS:
         ep = make_episode(s)
-        wrong = next(i for i in range(len(ep.options)) if i != ep.target)
+        wrong_item = next(i for i in range(len(ep.options)) if i != ep.target)
         other_kind = next(k for k in KINDS if k != ep.kind)
         shared_attr = next(iter(ep.shared))
         cases = {
-            f"it is the {ep.item_name()} .": 1.0,
-            f"{ep.options[ep.target]}": 1.0,
-            f"it is the {ep.shared[shared_attr]} {ep.item_name()} .": 1.0,  # extra true detail is fine
-            f"it is the {ep.item_name(wrong)} .": 0.0,
-            f"it is the {ep.options[ep.target]} {other_kind} .": 0.0,  # wrong kind of item
-            f"it is the {ep.shared[shared_attr]} {ep.kind} .": 0.0,  # ambiguous: fits every item
-            f"it is the {_other_value(ep, shared_attr)} {ep.item_name()} .": 0.0,  # contradicts a fact
+            f"it is the {ep.item_name()} .": True,
+            f"{ep.options[ep.target]}": True,
+            f"it is the {ep.shared[shared_attr]} {ep.item_name()} .": True,  # extra true detail is fine
+            f"it is the {ep.item_name(wrong_item)} .": False,
+            f"it is the {ep.options[ep.target]} {other_kind} .": False,  # wrong kind of item
+            f"it is the {ep.shared[shared_attr]} {ep.kind} .": False,  # ambiguous: fits every item
+            f"it is the {_other_value(ep, shared_attr)} {ep.item_name()} .": False,  # contradicts a fact
         }
-        for text, expected in cases.items():
-            env = ClarifyEnv()
+        for text, correct in cases.items():
+            env = ClarifyEnv(reward=mode)
             env.reset(s)
             reply, done, reward, info = env.step(text)
-            assert (reply, done, reward) == (None, True, expected), text
-            assert info["kind"] == "answer" and info["well_formed"] and info["correct"] == bool(expected)
+            assert (reply, done, reward) == (None, True, right if correct else wrong), text
+            assert info["kind"] == "answer" and info["well_formed"] and info["correct"] == correct
+            assert not info["wasted"] and env.reward == reward
+
+
+def _play(episode_seed, turns, **config):
+    """Play scripted turns; each is a text or a function of the episode. Returns (rewards, infos, env)."""
+    env = ClarifyEnv(**config)
+    env.reset(episode_seed)
+    rewards, infos = [], []
+    for turn in turns:
+        _, done, reward, info = env.step(turn(env.episode) if callable(turn) else turn)
+        rewards.append(reward)
+        infos.append(info)
+        if done:
+            break
+    assert env.done, "the script must end the episode"
+    return rewards, infos, env
+
+
+def _ask(ep):  # the informative question
+    return f"what {ep.attribute} is it ?"
+
+
+def _useless(ep, k=0):
+    return f"what {sorted(ep.shared)[k]} is it ?"
+
+
+def _useless2(ep):
+    return _useless(ep, 1)
+
+
+def _right(ep):
+    return f"it is the {ep.item_name()} ."
+
+
+def _wrong(ep):
+    return f"it is the {ep.item_name((ep.target + 1) % len(ep.options))} ."
+
+
+def _ambiguous(ep):
+    return f"it is the {next(iter(ep.shared.values()))} {ep.kind} ."
+
+
+GRADED_CASES = {  # (max_turns, script) -> the documented graded reward, exactly
+    "optimal play": (3, [_ask, _right], 1.0),
+    "lucky answer at once": (3, [_right], 0.8),
+    "wrong answer at once": (3, [_wrong], 0.2),
+    "informative then wrong": (3, [_ask, _wrong], 0.4),
+    "useless, informative, right": (3, [_useless, _ask, _right], 0.933333),  # 0.6 + 0.4 * (0.5 + 0.5 * 2/3)
+    "informative, useless, right": (3, [_ask, _useless, _right], 0.933333),
+    "malformed, informative, right": (3, ["hmm", _ask, _right], 0.933333),
+    "malformed, right": (3, ["ok .", _right], 0.733333),  # 0.6 + 0.4 * 0.5 * 2/3
+    "two malformed, right": (3, ["ok .", "hmm", _right], 0.666667),  # 0.6 + 0.4 * 0.5 * 1/3
+    "repeated informative, right": (3, [_ask, _ask, _right], 0.933333),
+    "useless twice (repeated), right": (3, [_useless, _useless, _right], 0.666667),
+    "two useless, right": (3, [_useless, _useless2, _right], 0.666667),
+    "useless, wrong": (3, [_useless, _wrong], 0.133333),  # 0.4 * 0.5 * 2/3
+    "ambiguous at once": (3, [_ambiguous], 0.2),
+    "informative then ambiguous": (3, [_ask, _ambiguous], 0.4),
+    "out of turns: informative, then two wasted": (3, [_ask, _useless, _ask], 0.266667),  # 0.4 * (0.5 + 1/6)
+    "out of turns: informative thrice": (3, [_ask, _ask, _ask], 0.266667),
+    "out of turns: informative only on the last turn": (3, [_useless, _useless2, _ask], 0.066667),  # 0.4 * 1/6
+    "out of turns: all malformed": (3, ["hmm", "", None], 0.0),
+    "one turn: informative question, no answer": (1, [_ask], 0.2),  # heard too late to use: no credit
+    "one turn: useless question": (1, [_useless], 0.0),
+    "one turn: lucky answer": (1, [_right], 0.8),
+    "two turns: informative, right": (2, [_ask, _right], 1.0),
+    "two turns: useless, right": (2, [_useless, _right], 0.7),  # 0.6 + 0.4 * 0.5 * 1/2
+    "five turns: two malformed, informative, right": (5, ["ok .", "hmm", _ask, _right], 0.92),  # 0.6 + 0.4 * 0.8
+}
+
+
+@pytest.mark.parametrize("case", list(GRADED_CASES))
+def test_graded_reward_documented_cases(case):
+    max_turns, script, expected = GRADED_CASES[case]
+    for s in range(40):
+        rewards, infos, env = _play(s, script, max_turns=max_turns)
+        assert len(rewards) == len(script)
+        assert rewards[-1] == expected and env.reward == expected, (case, s, rewards)
+        assert all(r == 0.0 for r in rewards[:-1])  # the reward arrives on the final step only
+        assert infos[-1]["correct"] == (expected >= 0.6)
+        assert (expected > SUCCESS_THRESHOLD) == infos[-1]["correct"]
+        # Binary mode pays the same play 0/1.
+        binary, _, _ = _play(s, script, max_turns=max_turns, reward="binary")
+        assert binary == [0.0] * (len(script) - 1) + [float(infos[-1]["correct"])]
+
+
+def test_graded_reward_flags_each_wasted_turn_once():
+    _, infos, _ = _play(4, [_useless, _useless, _ask, _ask, "ok .", _right], max_turns=6)
+    assert [i["wasted"] for i in infos] == [True, True, False, True, True, False]
+    assert [i["informative"] for i in infos] == [False, False, True, True, False, False]
+
+
+def test_graded_reward_function():
+    for max_turns in range(1, 7):
+        for wasted in range(max_turns + 1):
+            for informative in (False, True):
+                q = 0.5 * informative + 0.5 * (1 - wasted / max_turns)
+                for correct in (False, True):
+                    r = graded_reward(correct, informative, wasted, max_turns)
+                    assert r == round((0.6 if correct else 0.0) + 0.4 * q, 6)
+                    assert (0.6 <= r <= 1.0) if correct else (0.0 <= r <= 0.4)
+    assert graded_reward(True, True, 0, 3) == 1.0 and graded_reward(False, False, 3, 3) == 0.0
+    for bad in ((-1, 3), (4, 3), (0, 0)):
+        with pytest.raises(ValueError):
+            graded_reward(True, True, *bad)
+
+
+def _expected_graded(ep, infos, max_turns):
+    """The documented rule, recomputed from the turn log (independently of the environment's code)."""
+    asked, wasted = [], 0
+    for i in infos:
+        if i["kind"] == "malformed":
+            wasted += 1
+        elif i["kind"] == "question":
+            wasted += i["attribute"] != ep.attribute or i["attribute"] in asked
+            asked.append(i["attribute"])
+    informative = any(i["kind"] == "question" and i["attribute"] == ep.attribute for i in infos[:-1])
+    q = 0.5 * informative + 0.5 * (1 - wasted / max_turns)
+    return round((0.6 if infos[-1]["correct"] else 0.0) + 0.4 * q, 6)
+
+
+class _RandomPolicy:
+    """Uniformly random turns: questions (informative, useless, repeated), answers of every kind, junk."""
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+
+    def __call__(self, messages):
+        state = read_state(messages)
+        kind = state.kind or "ball"
+        choices = [f"what {a} is it ?" for a in ATTRIBUTES] + ["hmm", "", "is it red ?"]
+        choices += [f"it is the {v} {kind} ." for v in state.options] + [f"it is the {kind} {kind} red blue"]
+        return self.rng.choice(choices)
+
+
+def test_graded_right_always_beats_wrong_over_random_play():
+    configs = [ClarifyConfig(), ClarifyConfig(n_candidates=2, max_turns=1),
+               ClarifyConfig(n_candidates=3, max_turns=2), ClarifyConfig(max_turns=5, p_mention_shared=1.0)]
+    for c, config in enumerate(configs):
+        policies = [BehaviorPolicy(seed=c, config=config),
+                    BehaviorPolicy(seed=c, config=config, p_malformed=0.4), _RandomPolicy(seed=c)]
+        for p, policy in enumerate(policies):
+            right, wrong = [], []
+            for s in episode_seeds(300, seed=10 * c + p):
+                _, reward, infos = rollout(policy, s, config)
+                assert reward == _expected_graded(make_episode(s, config), infos, config.max_turns)
+                (right if infos[-1]["correct"] else wrong).append(reward)
+            assert right and wrong
+            assert min(right) >= 0.6 > SUCCESS_THRESHOLD > 0.4 >= max(wrong), (c, p)
+            if config.max_turns > 1:  # play quality separates conversations with the same outcome
+                assert len(set(right)) > 1 and len(set(wrong)) > 1, (c, p)
+
+
+def test_not_answering_never_pays_more_than_guessing_in_expectation():
+    # The best play without an answer: the informative question, then wasted turns (at T = 1 the
+    # question is the final turn, so it earns no informative credit).
+    for max_turns in range(1, 7):
+        stall = {_play(s, [_ask] + [_useless] * (max_turns - 1), max_turns=max_turns)[0][-1] for s in range(20)}
+        assert stall == {graded_reward(False, max_turns > 1, max_turns - 1, max_turns)}
+        for n_candidates in (2, 3, 4):
+            right, wrong = graded_reward(True, False, 0, max_turns), graded_reward(False, False, 0, max_turns)
+            guess = (right + (n_candidates - 1) * wrong) / n_candidates  # answering at once, in expectation
+            assert max(stall) <= 0.3 < 0.35 <= guess, (max_turns, n_candidates)
+
+
+# Rewards of binary mode, pinned from the implementation before the graded reward existed (the 0/1 rule
+# it kept): sha256 of the JSON list of reward lists built in test_binary_mode_is_the_old_0_1_reward.
+OLD_BINARY_DIGEST = "a606cec95ab72a2a9203bf87ecdb8f0a2c98ac854c810de2878e88654fcdf0ff"
+
+
+def test_binary_mode_is_the_old_0_1_reward():
+    out = []
+    for fields in (dict(), dict(n_candidates=2, max_turns=1), dict(n_candidates=3, max_turns=5)):
+        config = ClarifyConfig(**fields, reward="binary")
+        out.append([r["reward"] for r in collect(1000, seed=2, config=config, per_episode=2)])
+        policy = BehaviorPolicy(seed=5, p_malformed=0.3, config=config)
+        out.append([rollout(policy, s, config)[1] for s in episode_seeds(500, 3)])
+    assert [sum(x) for x in out] == [455.0, 191.0, 488.0, 166.0, 533.0, 291.0]
+    assert hashlib.sha256(json.dumps(out).encode()).hexdigest() == OLD_BINARY_DIGEST
+    # The reward mode changes the rewards only: same conversations, and right <=> graded > 0.5.
+    graded = collect(500, seed=2)
+    binary = collect(500, seed=2, config=ClarifyConfig(reward="binary"))
+    assert [r["messages"] for r in graded] == [r["messages"] for r in binary]
+    assert [float(g["reward"] > 0.5) for g in graded] == [b["reward"] for b in binary]
+    assert {b["reward"] for b in binary} == {0.0, 1.0} and len({g["reward"] for g in graded}) > 4
 
 
 def test_user_answers_truthfully_and_only_the_differing_attribute_informs():
@@ -88,11 +280,11 @@ def test_user_answers_truthfully_and_only_the_differing_attribute_informs():
 
 def test_horizon():
     for max_turns in (1, 2, 3, 5):
-        env = ClarifyEnv(max_turns=max_turns)
+        env = ClarifyEnv(max_turns=max_turns, reward="binary")
         env.reset(11)
         for t in range(max_turns):
             reply, done, reward, info = env.step("what color is it ?")
-            assert info["turn"] == t and reward == 0.0
+            assert info["turn"] == t and reward == 0.0  # running out of turns pays 0 in binary mode
             assert done == (t == max_turns - 1)
             assert (reply is None) == done
         assert sum(m["role"] == "assistant" for m in env.messages) == max_turns
@@ -100,10 +292,11 @@ def test_horizon():
         with pytest.raises(RuntimeError):
             env.step("it is the red ball .")
     # An answer on the last turn still counts.
-    env = ClarifyEnv(max_turns=2)
-    env.reset(3)
-    env.step("what size is it ?")
-    assert env.step(f"it is the {env.episode.item_name()} .")[1:3] == (True, 1.0)
+    for mode, expected in (("binary", 1.0), ("graded", 1.0)):
+        env = ClarifyEnv(max_turns=2, reward=mode)
+        env.reset(3)
+        env.step(f"what {env.episode.attribute} is it ?")
+        assert env.step(f"it is the {env.episode.item_name()} .")[1:3] == (True, expected)
 
 
 MALFORMED = [
@@ -177,15 +370,21 @@ def test_seed_streams_are_disjoint():
 def test_optimal_beats_answering_at_once():
     optimal = evaluate(OPTIMAL, n_episodes=300, progress=False)
     hasty = evaluate(AnswerAtOncePolicy(seed=0), n_episodes=300, progress=False)
-    assert optimal["mean_reward"] == 1.0 and optimal["questions"] == 1.0 and optimal["well_formed"] == 1.0
-    assert 0.15 < hasty["mean_reward"] < 0.35 and hasty["questions"] == 0.0  # ~1/4
+    assert optimal["mean_reward"] == 1.0 and optimal["accuracy"] == 1.0 and optimal["accuracy_stderr"] == 0.0
+    assert optimal["questions"] == optimal["questions_per_episode"] == 1.0 and optimal["well_formed"] == 1.0
+    assert 0.15 < hasty["accuracy"] < 0.35 and hasty["questions"] == 0.0  # ~1/4
+    # Every answer at once pays 0.8 (right) or 0.2 (wrong).
+    assert math.isclose(hasty["mean_reward"], 0.2 + 0.6 * hasty["accuracy"], abs_tol=1e-12)
     two = evaluate(AnswerAtOncePolicy(), n_episodes=300, config=ClarifyConfig(n_candidates=2), progress=False)
-    assert 0.4 < two["mean_reward"] < 0.6
+    assert 0.4 < two["accuracy"] < 0.6
+    binary = evaluate(AnswerAtOncePolicy(seed=0), n_episodes=300, config=ClarifyConfig(reward="binary"),
+                      progress=False)
+    assert binary["mean_reward"] == binary["accuracy"] == hasty["accuracy"]
 
 
 def test_behavior_policy_is_a_mediocre_mixture():
     stats = summarize(collect(2000, seed=0))
-    assert 0.3 <= stats["mean_reward"] <= 0.55, stats
+    assert 0.3 <= stats["accuracy"] <= 0.55 and 0.45 <= stats["mean_reward"] <= 0.62, stats
     moves = stats["first_move"]
     assert set(moves) == {"guess", "informative", "useless", "malformed"}
     # A premature guess is the single most common first move (what greedy behaviour cloning copies),
@@ -208,7 +407,8 @@ def test_evaluate_batched_matches_and_scores_garbage():
     batched = evaluate(lambda batch: [policy(m) for m in batch], n_episodes=100, seed=1, batched=True,
                        progress=False)
     assert plain == batched
-    assert set(plain) >= {"mean_reward", "stderr", "accuracy", "questions", "well_formed", "n"}
+    assert set(plain) == {"mean_reward", "stderr", "accuracy", "accuracy_stderr", "answered", "questions",
+                          "questions_per_episode", "informative", "well_formed", "canonical", "turns", "n"}
     garbage = evaluate(lambda m: "blah", n_episodes=20, progress=False)
     assert garbage["mean_reward"] == 0.0 and garbage["well_formed"] == 0.0 and garbage["turns"] == 3.0
     with pytest.raises(ValueError):
@@ -227,20 +427,24 @@ def test_vocabulary_covers_everything_said():
     assert max(sum(len(m["content"].split()) for m in r["messages"]) for r in records) <= 80
 
 
-def _check_jsonl(path, n):
+def _check_jsonl(path, n, binary=False):
     lines = open(path, encoding="utf-8").read().splitlines()
     assert len(lines) == n
-    ids = set()
+    ids, rewards = set(), []
     for line in lines:
         record = json.loads(line)
         assert set(record) == {"id", "messages", "reward"}
         assert isinstance(record["id"], str) and record["id"] not in ids
         ids.add(record["id"])
-        assert record["reward"] in (0.0, 1.0) and isinstance(record["reward"], float)
+        reward = record["reward"]
+        assert isinstance(reward, float) and 0.0 <= reward <= 1.0 and round(reward, 6) == reward
+        assert not binary or reward in (0.0, 1.0)
+        rewards.append(reward)
         roles = [m["role"] for m in record["messages"]]
         assert roles[:2] == ["system", "user"] and "assistant" in roles
         assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in record["messages"])
         assert all(a != b for a, b in zip(roles[1:], roles[2:]))  # user and assistant alternate
+    return rewards
 
 
 def test_collect_writes_valid_jsonl(tmp_path):
@@ -256,15 +460,70 @@ def test_collect_cli(tmp_path, capsys):
 
     out = tmp_path / "logged.jsonl"
     assert main(["collect", "--n", "40", "--out", str(out), "--seed", "1"]) == 0
-    _check_jsonl(out, 40)
+    graded = _check_jsonl(out, 40)
+    assert graded == [r["reward"] for r in collect(40, seed=1)]  # graded by default
+    assert not set(graded) <= {0.0, 1.0}
     printed = capsys.readouterr().out
-    assert "mean reward" in printed and "40 conversations" in printed
-    with pytest.raises(SystemExit):
-        main(["collect", "--n", "5", "--out", str(out), "--n-candidates", "9"])
+    assert "mean reward" in printed and "40 conversations" in printed and "(graded); accuracy" in printed
+    assert main(["collect", "--n", "40", "--out", str(out), "--seed", "1", "--reward", "binary"]) == 0
+    binary = _check_jsonl(out, 40, binary=True)
+    assert binary == [r["reward"] for r in collect(40, seed=1, config=ClarifyConfig(reward="binary"))]
+    assert binary == [float(g > 0.5) for g in graded]
+    assert "(binary); accuracy" in capsys.readouterr().out
+    assert main(["collect", "--n", "40", "--out", str(out), "--reward", "graded", "--quiet"]) == 0
+    for bad in (["--n-candidates", "9"], ["--reward", "judge"]):
+        with pytest.raises(SystemExit):
+            main(["collect", "--n", "5", "--out", str(out), *bad])
+
+
+def _hide_some(policy, kinds):
+    """`policy`, except it rambles (never answers) in scenes of the given kinds."""
+    def play(messages):
+        return "hmm" if read_state(messages).kind in kinds else policy(messages)
+    return play
+
+
+def test_accuracy_is_per_episode_with_its_stderr():
+    n, kinds = 400, {"ball", "cup", "box"}
+    expected = [make_episode(s).kind not in kinds for s in episode_seeds(n, 0)]
+    for policy in (_hide_some(OPTIMAL, kinds), _hide_some(AnswerAtOncePolicy(seed=1), kinds)):
+        r = evaluate(policy, n_episodes=n, progress=False)
+        right = [rollout(policy, s)[2][-1]["correct"] for s in episode_seeds(n, 0)]
+        assert r["accuracy"] == sum(right) / n  # per episode: an episode with no answer counts as wrong
+        assert r["accuracy_stderr"] == pytest.approx(statistics.stdev(right) / math.sqrt(n), rel=1e-12)
+        assert r["answered"] == sum(expected) / n < 1.0
+    # OPTIMAL answers right whenever it answers: correct answers / answers given would be 1.0.
+    r = evaluate(_hide_some(OPTIMAL, kinds), n_episodes=n, progress=False)
+    assert r["accuracy"] == sum(expected) / n == r["answered"]
+    assert 0.0 < r["accuracy"] < 1.0 and r["accuracy_stderr"] > 0.0
+    # Behaviour policy: accuracy and its stderr are those of the 0/1 rewards of binary mode.
+    b = evaluate(BehaviorPolicy(seed=3), n_episodes=300, config=ClarifyConfig(reward="binary"), progress=False)
+    g = evaluate(BehaviorPolicy(seed=3), n_episodes=300, progress=False)
+    assert b["accuracy"] == b["mean_reward"] == g["accuracy"] and g["mean_reward"] > g["accuracy"]
+    assert b["accuracy_stderr"] == pytest.approx(b["stderr"], rel=1e-12) == g["accuracy_stderr"]
+    assert {k: v for k, v in b.items() if k not in ("mean_reward", "stderr")} == \
+        {k: v for k, v in g.items() if k not in ("mean_reward", "stderr")}
+    one = evaluate(OPTIMAL, n_episodes=1, progress=False)
+    assert one["accuracy"] == 1.0 and one["accuracy_stderr"] == 0.0
+
+
+def test_summarize_counts_right_answers_not_positive_rewards():
+    graded = collect(600, seed=4)
+    binary = collect(600, seed=4, config=ClarifyConfig(reward="binary"))
+    g, b = summarize(graded), summarize(binary)
+    right = sum(r["reward"] for r in binary)  # binary rewards are exactly "the answer was right"
+    assert g["successes"] == b["successes"] == right and g["accuracy"] == b["accuracy"] == right / 600
+    assert sum(r["reward"] > 0 for r in graded) > right  # wrong conversations earn partial credit
+    assert g["ask_then_correct"] == b["ask_then_correct"] > 0
+    assert b["mean_reward"] == b["accuracy"] and g["mean_reward"] > g["accuracy"]
+    assert {k: v for k, v in g.items() if k not in ("mean_reward", "stderr")} == \
+        {k: v for k, v in b.items() if k not in ("mean_reward", "stderr")}
+    assert summarize([])["accuracy"] == 0.0
 
 
 def test_config_validation():
-    for bad in (dict(n_candidates=1), dict(n_candidates=5), dict(max_turns=0), dict(p_mention_shared=2.0)):
+    for bad in (dict(n_candidates=1), dict(n_candidates=5), dict(max_turns=0), dict(p_mention_shared=2.0),
+                dict(reward="judge"), dict(reward="Graded")):
         with pytest.raises(ValueError):
             ClarifyConfig(**bad)
     with pytest.raises(ValueError):

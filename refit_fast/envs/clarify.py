@@ -3,9 +3,31 @@
 The agent sees a small scene of items of one kind that differ in exactly one attribute (their colour,
 size or material); the user asks for "the ball" without saying which. At each of `max_turns` agent
 turns the agent either asks about one attribute (the simulated user answers truthfully) or names an
-item. Naming the hidden item scores 1, anything else (a wrong or ambiguous item, running out of
-turns) scores 0. Asking about the attribute in which the items differ identifies the item; asking
-about any other attribute is useless, because all items share its value.
+item. Asking about the attribute in which the items differ identifies the item; asking about any
+other attribute is useless, because all items share its value.
+
+The reward arrives on the last step of an episode (every earlier step pays 0.0). It is **graded** by
+default, shaped like a judge's 0-10 "overall" score rescaled to [0, 1] (the paper's reward): getting
+the item right dominates, and play quality gives partial credit, so two right (or two wrong)
+conversations can differ. With `max_turns` = T:
+
+- a turn is **wasted** if it is malformed, a question about an attribute every item shares
+  (useless), or a question about an attribute already asked (repeated); each turn counts once;
+- `informative` = 1 if the agent asked about the attribute the items differ in on a turn before its
+  final one (so the reply could still be used), else 0;
+- quality `q = 0.5 * informative + 0.5 * (1 - wasted / T)`, in [0, 1];
+- reward = `0.6 + 0.4 * q` if the final turn names the hidden item, else `0.4 * q` (a wrong item, an
+  ambiguous answer, or no answer by the end of the last turn); rounded to 6 decimals.
+
+So every right conversation (>= 0.6) beats every wrong one (<= 0.4), and `reward > 0.5` means right
+in both modes (`SUCCESS_THRESHOLD`). With T = 3: ask the informative question then name the item
+1.0; a lucky answer at once 0.8; a wrong answer at once 0.2; informative question then a wrong item
+0.4; useless question, informative question, right item 0.933333 (q = 5/6). Requiring the question
+before the final turn keeps stalling from paying: an episode with no answer has at most one turn that
+is not wasted, so it scores at most 0.2 (T = 1) or 0.4 * (0.5 + 0.5 / T) <= 0.3, less than answering
+at once is worth in expectation (0.2 + 0.6 / n_candidates >= 0.35). `graded_reward` is
+the rule as a function. `ClarifyConfig(reward="binary")` pays 1 for the right item and 0 otherwise
+(a wrong or ambiguous item, running out of turns), with no credit for play.
 
     >>> env = ClarifyEnv()
     >>> messages = env.reset(episode_seed=7)
@@ -17,8 +39,11 @@ about any other attribute is useless, because all items share its value.
     ('it is tiny .', False, 0.0)
     >>> env.step("what color is it ?")[:3]     # informative
     ('it is yellow .', False, 0.0)
-    >>> env.step("it is the yellow book .")[1:3]
-    (True, 1.0)
+    >>> env.step("it is the yellow book .")[1:3]   # right, one wasted turn of 3: 0.6 + 0.4 * 5/6
+    (True, 0.933333)
+    >>> env = ClarifyEnv(reward="binary"); _ = env.reset(7)  # the same play, paid 0/1
+    >>> [env.step(t)[2] for t in ("what size is it ?", "what color is it ?", "it is the yellow book .")]
+    [0.0, 0.0, 1.0]
 
 Every text the environment and the bundled policies emit is lower-case words and punctuation separated
 by single spaces, so `str.split()` tokenizes it losslessly and `vocabulary()` lists every word.
@@ -31,6 +56,7 @@ import random
 import re
 import unicodedata
 from dataclasses import dataclass
+from fractions import Fraction
 
 # attribute -> its values. Value words are unique across attributes, so a value names its attribute.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -55,6 +81,10 @@ SHARED_OPENINGS: tuple[str, ...] = (
 REPLY = "it is {value} ."
 NOT_UNDERSTOOD = "sorry , i do not understand ."
 MAX_CHARS = 4096  # agent text beyond this is not read: bounds the work on very long turns
+REWARDS = ("graded", "binary")
+# Every right conversation scores above this and every wrong one below, in both reward modes
+# (graded: right >= 0.6, wrong <= 0.4; binary: 1 and 0), so a logged reward tells right from wrong.
+SUCCESS_THRESHOLD = 0.5
 
 _VALUE_TO_ATTRIBUTE = {v: a for a, values in ATTRIBUTES.items() for v in values}
 _WORD = re.compile(r"[a-z0-9]+|\?")
@@ -69,18 +99,25 @@ class ClarifyConfig:
     max_turns: agent turns per episode; the last one must be an answer to score.
     p_mention_shared: probability that the opening names a value all items share (a distractor).
     instructions: end the system message with a one-line protocol hint, so any chat model can play.
+    reward: "graded" (default; the judge-like score in [0, 1] of `graded_reward`: 0.6 + 0.4 * q for the
+        right item, 0.4 * q otherwise, where the play quality q = 0.5 * [asked the informative question
+        before the final turn] + 0.5 * (1 - wasted turns / max_turns), rounded to 6 decimals) or
+        "binary" (1.0 for the right item, 0.0 otherwise).
 
     Example:
-        >>> ClarifyConfig(n_candidates=3).n_candidates
-        3
+        >>> ClarifyConfig(n_candidates=3).n_candidates, ClarifyConfig().reward
+        (3, 'graded')
     """
 
     n_candidates: int = 4
     max_turns: int = 3
     p_mention_shared: float = 0.25
     instructions: bool = True
+    reward: str = "graded"
 
     def __post_init__(self):
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         smallest = min(len(v) for v in ATTRIBUTES.values())
         if not 2 <= self.n_candidates <= smallest:
             raise ValueError(f"n_candidates must be in [2, {smallest}], got {self.n_candidates}")
@@ -255,6 +292,26 @@ def _matching_options(episode: Episode, turn: Turn) -> list[int]:
             if all(episode.value_of(_VALUE_TO_ATTRIBUTE[v], i) == v for v in turn.values)]
 
 
+def graded_reward(correct: bool, informative: bool, wasted: int, max_turns: int) -> float:
+    """The graded reward of one episode (see the module docstring), rounded to 6 decimals.
+
+    correct: the final turn named the hidden item; informative: the informative question was asked
+    before the final turn; wasted: malformed, useless or repeated turns (each counted once), in
+    [0, max_turns]. Computed in exact fractions, so equal inputs give the same float everywhere.
+
+    Example:
+        >>> graded_reward(True, True, 0, 3), graded_reward(True, False, 0, 3), graded_reward(False, False, 0, 3)
+        (1.0, 0.8, 0.2)
+        >>> graded_reward(True, True, 1, 3), graded_reward(False, True, 0, 3)
+        (0.933333, 0.4)
+    """
+    if max_turns < 1 or not 0 <= wasted <= max_turns:
+        raise ValueError(f"need max_turns >= 1 and 0 <= wasted <= max_turns, got {wasted}, {max_turns}")
+    quality = Fraction(int(bool(informative)), 2) + Fraction(max_turns - wasted, 2 * max_turns)
+    reward = (Fraction(3, 5) if correct else Fraction(0)) + Fraction(2, 5) * quality
+    return float(round(reward, 6))
+
+
 class ClarifyEnv:
     """The clarifying-QA environment. One episode at a time; text in, text out.
 
@@ -262,9 +319,11 @@ class ClarifyEnv:
     `step(agent_text)` returns `(user_reply_or_None, done, reward, info)`. The reply is None when the
     episode ends (an answer, or the last turn). `info` holds `well_formed` (bool), `kind`
     ('question' | 'answer' | 'malformed'), `canonical` (said exactly in the logged policy's words,
-    e.g. "what color is it ?"; stricter than `well_formed`), `attribute` (asked), `answer` (the item named, or None when
-    the answer did not single out one item), `correct`, `informative` (the question asked about the
-    attribute that tells the items apart) and `turn` (0-based). `messages` is the conversation so far.
+    e.g. "what color is it ?"; stricter than `well_formed`), `attribute` (asked), `answer` (the item
+    named, or None when the answer did not single out one item), `correct`, `informative` (the
+    question asked about the attribute that tells the items apart), `wasted` (a malformed turn, or a
+    useless or repeated question: what the graded reward docks) and `turn` (0-based). `messages` is
+    the conversation so far; `reward` is the last step's reward (the episode's, once it is done).
     With `episode_seed=None`, `reset` draws the next seed from the env's own stream (`seed`).
 
     Construct with a `ClarifyConfig`, or with its fields as keywords: `ClarifyEnv(seed=0,
@@ -291,6 +350,9 @@ class ClarifyEnv:
         self.turn = 0
         self.done = True
         self.reward = 0.0
+        self._asked: set[str] = set()
+        self._wasted = 0
+        self._informative = False
 
     def reset(self, episode_seed: int | None = None) -> list[dict]:
         """Start an episode; returns a copy of the opening messages.
@@ -307,6 +369,7 @@ class ClarifyEnv:
             {"role": "user", "content": self.episode.opening},
         ]
         self.turn, self.done, self.reward = 0, False, 0.0
+        self._asked, self._wasted, self._informative = set(), 0, False
         return [dict(m) for m in self.messages]
 
     def step(self, agent_text) -> tuple[str | None, bool, float, dict]:
@@ -326,19 +389,29 @@ class ClarifyEnv:
         last = self.turn == self.config.max_turns - 1
         info = {"turn": self.turn, "kind": turn.kind, "well_formed": turn.kind != "malformed",
                 "canonical": _is_canonical(text, turn, ep), "attribute": turn.attribute, "answer": None,
-                "correct": False, "informative": False}
-        reply, reward, done = None, 0.0, last
+                "correct": False, "informative": False, "wasted": turn.kind == "malformed"}
+        reply, done = None, last
         if turn.kind == "answer":
             matches = _matching_options(ep, turn)
             info["answer"] = ep.item_name(matches[0]) if len(matches) == 1 else None
             info["correct"] = matches == [ep.target]
-            reward, done = float(info["correct"]), True
+            done = True
         elif turn.kind == "question":
             info["informative"] = turn.attribute == ep.attribute
+            info["wasted"] = not info["informative"] or turn.attribute in self._asked
+            if info["informative"] and not last:
+                self._informative = True  # heard while a turn remains to use it
+            self._asked.add(turn.attribute)
             # Truthful: the target's value (shared attributes have one value for all items).
             reply = REPLY.format(value=ep.value_of(turn.attribute))
         else:
             reply = NOT_UNDERSTOOD
+        self._wasted += info["wasted"]
+        reward = 0.0
+        if done and self.config.reward == "binary":
+            reward = float(info["correct"])
+        elif done:
+            reward = graded_reward(info["correct"], self._informative, self._wasted, self.config.max_turns)
         if done:
             reply = None
         else:

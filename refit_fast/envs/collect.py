@@ -1,7 +1,9 @@
 """Log conversations of a policy (by default the behaviour policy) with their rewards, as JSONL.
 
 `refit-fast collect --n 3000 --out logged.jsonl` writes one object per line in the data layer's
-format: `{"id": "...", "messages": [{"role": ..., "content": ...}, ...], "reward": 1.0}`.
+format: `{"id": "...", "messages": [{"role": ..., "content": ...}, ...], "reward": 0.933333}`. The
+reward is the environment's graded one by default (in [0, 1], 6 decimals; see `refit_fast.envs.clarify`),
+or 0/1 with `--reward binary` / `ClarifyConfig(reward="binary")`.
 
     >>> records = collect(4, seed=0)
     >>> sorted(records[0]), records[0]["messages"][0]["role"]
@@ -16,7 +18,7 @@ import os
 import sys
 from collections import Counter
 
-from refit_fast.envs.clarify import ClarifyConfig, ClarifyEnv, parse_turn
+from refit_fast.envs.clarify import REWARDS, SUCCESS_THRESHOLD, ClarifyConfig, ClarifyEnv, parse_turn
 from refit_fast.envs.evaluate import Policy, _progress_bar, episode_seeds
 from refit_fast.envs.policies import BehaviorPolicy, read_state
 
@@ -100,10 +102,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Statistics of logged conversations, read from their text: reward, first moves, turn kinds.
+    """Statistics of logged conversations, read from their text and rewards: reward, right answers,
+    first moves, turn kinds.
 
-    `first_move` counts 'guess' (an answer on the first turn), 'informative' (asks the attribute the
-    items differ in), 'useless' (asks another attribute) and 'malformed'.
+    `successes` counts conversations whose answer named the hidden item, read off the reward: in both
+    reward modes a right conversation scores above `SUCCESS_THRESHOLD` (0.5) and a wrong one below
+    (graded: >= 0.6 vs <= 0.4; binary: 1 vs 0). `accuracy` is successes / n; `ask_then_correct`
+    counts the right ones that asked the informative question. `first_move` counts 'guess' (an
+    answer on the first turn), 'informative' (asks the attribute the items differ in), 'useless'
+    (asks another attribute) and 'malformed'.
 
     Example:
         >>> s = summarize(collect(20)); s["n"], sorted(s["first_move"]) <= ["guess", "informative", "malformed", "useless"]
@@ -111,11 +118,12 @@ def summarize(records: list[dict]) -> dict:
     """
     n = len(records)
     rewards = [float(r["reward"]) for r in records]
-    mean = sum(rewards) / n if n else 0.0
-    var = sum((x - mean) ** 2 for x in rewards) / (n - 1) if n > 1 else 0.0
+    mean = math.fsum(rewards) / n if n else 0.0
+    var = math.fsum((x - mean) ** 2 for x in rewards) / (n - 1) if n > 1 else 0.0
     first, kinds = Counter(), Counter()
     ask_then_correct = 0
-    for record in records:
+    right = [r > SUCCESS_THRESHOLD for r in rewards]
+    for record, is_right in zip(records, right):
         state = read_state(record["messages"])
         agent = [parse_turn(m["content"]) for m in record["messages"] if m["role"] == "assistant"]
         kinds.update(t.kind for t in agent)
@@ -125,14 +133,15 @@ def summarize(records: list[dict]) -> dict:
                 first["informative" if t.attribute == state.attribute else "useless"] += 1
             else:
                 first["guess" if t.kind == "answer" else "malformed"] += 1
-        if state.attribute in state.asked and record["reward"] > 0:
+        if state.attribute in state.asked and is_right:
             ask_then_correct += 1
     n_turns = sum(kinds.values())
     return {
         "n": n,
         "mean_reward": mean,
         "stderr": math.sqrt(var / n) if n else 0.0,
-        "successes": sum(r > 0 for r in rewards),
+        "successes": sum(right),
+        "accuracy": sum(right) / n if n else 0.0,
         "ask_then_correct": ask_then_correct,
         "first_move": dict(first),
         "turn_kinds": dict(kinds),
@@ -142,7 +151,8 @@ def summarize(records: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`refit-fast collect --n N --out FILE [--seed S]`: log behaviour-policy conversations as JSONL.
+    """`refit-fast collect --n N --out FILE [--seed S] [--reward graded|binary]`: log behaviour-policy
+    conversations as JSONL.
 
     Example:
         >>> main(["--n", "3", "--out", "/tmp/clarify_doctest.jsonl", "--quiet"])
@@ -161,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"agent turns per episode (default {ClarifyConfig.max_turns})")
     parser.add_argument("--per-episode", type=int, default=1,
                         help="conversations per episode, from differently seeded behaviour policies (default 1)")
+    parser.add_argument("--reward", choices=REWARDS, default=ClarifyConfig.reward,
+                        help="graded: a judge-like score in [0, 1] that also credits play quality; "
+                             f"binary: 1 for the right item, else 0 (default {ClarifyConfig.reward})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     args = parser.parse_args(argv)
     if args.n < 1 or args.seed < 0 or args.per_episode < 1:
         parser.error("--n and --per-episode must be >= 1 and --seed >= 0")
     try:
-        config = ClarifyConfig(n_candidates=args.n_candidates, max_turns=args.max_turns)
+        config = ClarifyConfig(n_candidates=args.n_candidates, max_turns=args.max_turns, reward=args.reward)
     except ValueError as e:
         parser.error(str(e))
     records = collect(args.n, seed=args.seed, config=config, progress=not args.quiet and args.n >= 1000,
@@ -176,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         s = summarize(records)
         moves = ", ".join(f"{k} {v}" for k, v in sorted(s["first_move"].items()))
         print(f"wrote {s['n']} conversations to {args.out}")
-        print(f"mean reward {s['mean_reward']:.3f} +- {s['stderr']:.3f} ({s['successes']} successes, "
-              f"{s['ask_then_correct']} asked the informative question and answered right)")
+        print(f"mean reward {s['mean_reward']:.3f} +- {s['stderr']:.3f} ({args.reward}); accuracy "
+              f"{s['accuracy']:.3f} ({s['successes']} right, {s['ask_then_correct']} of them after "
+              f"asking the informative question)")
         print(f"first move: {moves}; {s['turns_per_conversation']:.2f} agent turns per conversation, "
               f"{s['well_formed']:.1%} well-formed")
     return 0

@@ -74,9 +74,14 @@ def evaluate(
     every logged episode. With `batched=True`, `policy` takes a list of conversations and returns a
     list of texts (all unfinished episodes advance one turn per call: one batched generate per turn).
 
-    Returns: `mean_reward`; `stderr` (sample std / sqrt(n)); `accuracy` (correct answers / answers
-    given); `answered` (fraction of episodes that named an item); `questions` (well-formed questions
-    per episode); `informative` (fraction of episodes that asked the attribute the items differ in);
+    The reward is `config.reward`'s (default graded, in [0, 1]; `ClarifyConfig(reward="binary")` for
+    0/1); the paper reports exact-match accuracy beside it.
+
+    Returns: `mean_reward`; `stderr` (sample std / sqrt(n)); `accuracy` (fraction of episodes whose
+    final answer names the hidden item: exact match per episode, no answer counts as wrong);
+    `accuracy_stderr` (its sample std / sqrt(n)); `answered` (fraction of episodes that named an
+    item); `questions` and `questions_per_episode` (the same number: well-formed questions per
+    episode); `informative` (fraction of episodes that asked the attribute the items differ in);
     `well_formed` (fraction of agent turns that parse as a question or an answer); `canonical`
     (fraction said exactly in the logged policy's words: catches rambling that still parses); `turns` (agent
     turns per episode); `n`.
@@ -84,8 +89,8 @@ def evaluate(
     Example:
         >>> from refit_fast.envs.policies import AnswerAtOncePolicy
         >>> r = evaluate(AnswerAtOncePolicy(), n_episodes=200, progress=False)
-        >>> 0.15 < r["mean_reward"] < 0.35, r["questions"]
-        (True, 0.0)
+        >>> 0.15 < r["accuracy"] < 0.35, abs(r["mean_reward"] - (0.2 + 0.6 * r["accuracy"])) < 1e-9, r["questions"]
+        (True, True, 0.0)
     """
     config = config or ClarifyConfig()
     seeds = episode_seeds(n_episodes, seed, "eval")
@@ -118,16 +123,22 @@ def _scores(rewards: list[float], infos: list[list[dict]]) -> dict:
     n = len(rewards)
     if n == 0:
         raise ValueError("no episodes to score")
-    mean = sum(rewards) / n
-    var = sum((r - mean) ** 2 for r in rewards) / (n - 1) if n > 1 else 0.0
+    mean = math.fsum(rewards) / n  # fsum: exact sum, so the mean does not depend on episode order
+    var = math.fsum((r - mean) ** 2 for r in rewards) / (n - 1) if n > 1 else 0.0
     turns = [i for episode in infos for i in episode]
     answers = [i for i in turns if i["kind"] == "answer"]
+    right = sum(any(i["correct"] for i in episode) for episode in infos)  # only a final answer is correct
+    accuracy = right / n
+    accuracy_var = (right * (1 - accuracy) ** 2 + (n - right) * accuracy**2) / (n - 1) if n > 1 else 0.0
+    questions = sum(i["kind"] == "question" for i in turns) / n
     return {
         "mean_reward": mean,
         "stderr": math.sqrt(var / n),
-        "accuracy": sum(i["correct"] for i in answers) / len(answers) if answers else 0.0,
+        "accuracy": accuracy,
+        "accuracy_stderr": math.sqrt(accuracy_var / n),
         "answered": len(answers) / n,
-        "questions": sum(i["kind"] == "question" for i in turns) / n,
+        "questions": questions,
+        "questions_per_episode": questions,
         "informative": sum(any(i["informative"] for i in episode) for episode in infos) / n,
         "well_formed": sum(i["well_formed"] for i in turns) / len(turns),
         "canonical": sum(i["canonical"] for i in turns) / len(turns),

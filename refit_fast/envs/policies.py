@@ -4,9 +4,11 @@ A policy is any callable `messages -> str` (the text of the next agent turn), so
 slots in anywhere these do. The scripted ones read only what the agent sees (the messages), never the
 environment's hidden state:
 
-- `BehaviorPolicy`: the logged policy, a stochastic mixture of good and bad behaviour (mean reward ~0.4).
+- `BehaviorPolicy`: the logged policy, a stochastic mixture of good and bad behaviour (right about
+  47% of the time; mean graded reward about 0.54).
 - `OptimalPolicy`: asks about the attribute the items differ in, then names the item (reward 1).
-- `AnswerAtOncePolicy`: names a random item at once (reward 1/n_candidates).
+- `AnswerAtOncePolicy`: names a random item at once (right 1 time in n_candidates; graded reward
+  0.8 when right, 0.2 when wrong).
 
     >>> from refit_fast.envs.clarify import ClarifyEnv
     >>> env = ClarifyEnv(); messages = env.reset(7)
@@ -106,7 +108,7 @@ def _rng(seed: int, messages: list[dict]) -> random.Random:
 
 @dataclass
 class BehaviorPolicy:
-    """The logged policy: a stochastic mixture of good and bad behaviour, mean reward ~0.4.
+    """The logged policy: a stochastic mixture of good and bad behaviour (accuracy ~0.47, graded reward ~0.54).
 
     First turn: answer at once with a random item (`p_hasty`), ask the informative question
     (`p_informative`), otherwise ask about a useless attribute. Once the user has told the value that
@@ -115,7 +117,7 @@ class BehaviorPolicy:
     a useless one; on the last turn, guess. Any turn rambles with `p_malformed` (a wasted turn).
 
     `p_hasty` > 1/2 on purpose: the single most likely first move of the logged data is then a
-    premature guess, so behaviour cloning decoded greedily guesses (reward ~1/n_candidates), while the
+    premature guess, so behaviour cloning decoded greedily guesses (accuracy ~1/n_candidates), while the
     successful conversations are mostly ask-then-answer, which reward weighting can find.
     Randomness comes from `(seed, messages)` only, so a call is reproducible.
 
@@ -167,7 +169,7 @@ class BehaviorPolicy:
 class OptimalPolicy:
     """Ask about the attribute in which the listed items differ, then name the item the user described.
 
-    Reads only the visible text; scores 1.0 whenever `max_turns >= 2`.
+    Reads only the visible text; scores 1.0 (graded and binary) whenever `max_turns >= 2`.
 
     Example:
         >>> from refit_fast.envs.clarify import ClarifyEnv
@@ -191,7 +193,7 @@ class OptimalPolicy:
 
 @dataclass
 class AnswerAtOncePolicy:
-    """Name a random listed item on the first turn (reward 1/n_candidates in expectation).
+    """Name a random listed item on the first turn (accuracy 1/n_candidates in expectation).
 
     Example:
         >>> from refit_fast.envs.clarify import ClarifyEnv
