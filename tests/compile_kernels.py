@@ -29,18 +29,22 @@ def variants():
                 COEF_PER_ROW="constexpr", COMPUTE_GRAD="constexpr", BLOCK_V="constexpr")
     for grad_ty, per_row, grad in itertools.product(("*fp32", "*bf16", "*fp16"), (False, True), (False, True)):
         yield wce._ce_rows_kernel, dict(rows, grad_ptr=grad_ty), dict(COEF_PER_ROW=per_row, COMPUTE_GRAD=grad, BLOCK_V=4096), 8
-    weights = dict(rewards_ptr="*fp32", n_rewards="i32", stats_ptr="*fp32", seq_ptr="*i64", out_ptr="*fp32",
-                   n_tokens="i32", eps="fp32", STANDARDIZE="constexpr", HAS_STATS="constexpr",
-                   BLOCK_B="constexpr", BLOCK_N="constexpr")
-    for std, stats in itertools.product((False, True), (False, True)):
-        yield wce._token_weight_kernel, weights, dict(STANDARDIZE=std, HAS_STATS=stats, BLOCK_B=1024, BLOCK_N=1024), 4
+    weights = dict(rewards_ptr=None, n_rewards="i32", stats_ptr="*fp64", groups_ptr="*i64", seq_ptr="*i64",
+                   out_ptr="*fp32", n_tokens="i32", eps="fp32", STANDARDIZE="constexpr", HAS_STATS="constexpr",
+                   GROUPED="constexpr", BLOCK_B="constexpr", BLOCK_N="constexpr")
+    # (STANDARDIZE, HAS_STATS, GROUPED, BLOCK_B, BLOCK_N) as token_weights_triton launches them
+    modes = ((False, False, False, 1024, 1024), (True, False, False, 1024, 1024), (True, True, False, 1024, 1024),
+             (True, False, True, 64, 64))
+    for r_ty, (std, stats, grouped, bb, bn) in itertools.product(("*fp32", "*fp64"), modes):
+        yield wce._token_weight_kernel, dict(weights, rewards_ptr=r_ty), dict(
+            STANDARDIZE=std, HAS_STATS=stats, GROUPED=grouped, BLOCK_B=bb, BLOCK_N=bn), 4
 
 
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failed = 0
     for fn, sig, const, warps in variants():
-        name = f"{fn.__name__} {const} {sig.get('grad_ptr') or ''}".strip()
+        name = f"{fn.__name__} {const} {sig.get('grad_ptr') or sig.get('rewards_ptr') or ''}".strip()
         try:
             src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
             kernel = triton.compile(src, target=target, options={"num_warps": warps})

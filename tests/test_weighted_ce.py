@@ -325,6 +325,24 @@ def test_bad_values(impl, mutate, match):
     (lambda h, W, y, s, r: weighted_ce(h.to(torch.int32), W.to(torch.int32), y, s, r), "hidden must be float"),
     (lambda h, W, y, s, r: weighted_ce(h, W.to("meta"), y, s, r), "weight is on meta but hidden is on cpu"),
     (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r.to("meta")), "rewards is on meta"),
+    # group standardization: every argument checked, named in the message
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group"), "needs groups"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, None, standardize="group", groups=torch.tensor([0, 0])), "needs rewards"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, groups=torch.tensor([0, 0])), "groups is only used with standardize='group'"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize=True, groups=torch.tensor([0, 0])), "groups is only used"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=torch.tensor([0, 0, 1])), r"groups must have shape \[B\]=\(2,\)"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=torch.tensor([[0, 0]])), "groups must have shape"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=torch.tensor([0.0, 1.0])), "groups must be an integer"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=torch.tensor([True, False])), "groups must be an integer"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=torch.tensor([0, -2])), "groups value -2 is negative"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=torch.tensor([0, 1]).to("meta")), "groups is on meta"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=[0, 1]), "groups must be a"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="group", groups=torch.tensor([0, 1]),
+                                       reward_stats=(0.0, 1.0)), "reward_stats is only used with standardize=True"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize="groups"), "standardize must be"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize=1), "standardize must be"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r.double() * 1e200, standardize=True), "rewards must be at most 1e"),
+    (lambda h, W, y, s, r: weighted_ce(h, W, y, s, r, standardize=True, eps=-1.0), "eps must be"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):

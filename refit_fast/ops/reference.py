@@ -17,7 +17,8 @@ def weighted_ce_reference(
     rewards: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    standardize: bool = False,
+    standardize=False,
+    groups: torch.Tensor | None = None,
     eps: float = 1e-6,
     reward_stats=None,
     ignore_index: int = -100,
@@ -25,6 +26,10 @@ def weighted_ce_reference(
     normalize: str = "sequence",
 ) -> torch.Tensor:
     """Same contract as :func:`refit_fast.weighted_ce`, without validation, materializing the logits.
+
+    standardize: False/None/"none", True/"batch" (statistics of all rewards, or `reward_stats`),
+    "group" (statistics of each conversation's group, `groups` [B]): written out plainly below, a
+    loop over the distinct groups; a set whose rewards are all equal (or a given std of 0) gives 0.
 
     Example::
 
@@ -56,12 +61,19 @@ def weighted_ce_reference(
         w = torch.ones_like(nll)
     else:
         r = torch.as_tensor(rewards, device=hidden.device).to(nll.dtype).reshape(-1)
-        if standardize:
+        if standardize is True or standardize == "batch":
             if reward_stats is not None:
-                mean, std = (torch.as_tensor(v, dtype=nll.dtype, device=hidden.device) for v in reward_stats)
+                mean, std = (torch.as_tensor(v, dtype=torch.float64, device=hidden.device) for v in reward_stats)
+                r64 = r.double()
+                r = torch.zeros_like(r) if std == 0 else ((r64 - mean) / (std + eps)).to(r.dtype)
             else:
-                mean, std = r.mean(), r.std(unbiased=False)
-            r = (r - mean) / (std + eps)
+                r = _standardized(r, eps)
+        elif standardize == "group":
+            out = torch.zeros_like(r)
+            for g in torch.unique(groups).tolist():
+                members = groups == g
+                out[members] = _standardized(r[members], eps)
+            r = out
         w = torch.where(valid, r[torch.where(valid, sid, 0)], torch.zeros_like(nll))
     per_token = w * nll
 
@@ -74,3 +86,13 @@ def weighted_ce_reference(
         return total / valid.sum().clamp_min(1)
     n_conv = torch.unique(sid[valid]).numel()
     return total / max(n_conv, 1)
+
+
+def _standardized(r: torch.Tensor, eps: float) -> torch.Tensor:
+    """(r - mean) / (std + eps) over one set of rewards, in float64 (population std); all equal -> 0."""
+    if bool((r == r[0]).all()):
+        return torch.zeros_like(r)
+    r64 = r.double()
+    mean = r64.mean()
+    std = ((r64 - mean) ** 2).mean().sqrt()
+    return ((r64 - mean) / (std + eps)).to(r.dtype)

@@ -19,6 +19,13 @@ forward pass (6*N*D*V FLOPs in all, no recomputation) and only scaled in backwar
 "none" the upstream gradient differs per token, so the forward computes losses only and the
 backward recomputes the chunks with coef = upstream gradient (8*N*D*V FLOPs).
 
+Reward weights (before the chunks, one small kernel): w = r~[seq_ids] per trained token, with r~
+the rewards as given (Refit) or standardized (Swift) by the batch statistics (`standardize=True`),
+given statistics (`reward_stats`) or per-group statistics (`standardize="group"`, `groups` [B]:
+the prompt of each conversation). Statistics are float64, each set shifted by one of its members
+before the sums (identical rewards -> weight exactly 0; no overflow for huge rewards); a set with
+std 0 gives weight 0. The rule is stated once in plain PyTorch as `standardize_rewards`.
+
 Memory beyond inputs and gradients: one chunk (bounded by `chunk_budget`, independent of N), O(N)
 vectors, and, for bf16/fp16 weights with `fp32_weight_grad=True`, an fp32 [V, D] accumulator.
 """
@@ -31,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from refit_fast.ops.weighted_ce_torch import ce_rows_torch, token_weights_torch
+from refit_fast.ops.weighted_ce_torch import REWARD_LIMIT, ce_rows_torch, token_weights_torch
 
 try:  # triton is a Linux dependency; the torch path works without it
     import triton
@@ -53,37 +60,73 @@ if HAS_TRITON:
 
     @triton.jit
     def _token_weight_kernel(
-        rewards_ptr, n_rewards, stats_ptr, seq_ptr, out_ptr, n_tokens, eps,
-        STANDARDIZE: tl.constexpr, HAS_STATS: tl.constexpr,
+        rewards_ptr, n_rewards, stats_ptr, groups_ptr, seq_ptr, out_ptr, n_tokens, eps,
+        STANDARDIZE: tl.constexpr, HAS_STATS: tl.constexpr, GROUPED: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """out[t] = r~[seq[t]]. With STANDARDIZE and no given stats every program recomputes the mean
-        and population std of all rewards (two passes for accuracy): B is small, and this keeps
-        Swift's statistics inside one launch with no host sync."""
+        """out[t] = r~[seq[t]] (fp32) for a block of BLOCK_N tokens, statistics in float64.
+
+        STANDARDIZE without stats or groups: every program recomputes the batch statistics of all
+        B rewards (two passes over them, shifted by rewards[0]), O(B) per program. GROUPED: each
+        token's own group statistics, from two passes over all B rewards comparing group ids in
+        [BLOCK_N, BLOCK_B] tiles, shifted by the token's own conversation reward (a member of its
+        group): O(BLOCK_N * B) per program, O(N * B) in all, fine for B up to a few thousand. Either
+        way one launch and no host sync; a set whose std is 0 gives exactly 0 (never NaN)."""
         pid = tl.program_id(0)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = offs < n_tokens
         sid = tl.load(seq_ptr + offs, mask=tmask, other=0)
-        r = tl.load(rewards_ptr + sid, mask=tmask, other=0.0).to(tl.float32)
+        r = tl.load(rewards_ptr + sid, mask=tmask, other=0.0).to(tl.float64)
         if STANDARDIZE:
             if HAS_STATS:
-                mean = tl.load(stats_ptr).to(tl.float32)
-                std = tl.load(stats_ptr + 1).to(tl.float32)
+                dev = r - tl.load(stats_ptr).to(tl.float64)
+                std = tl.load(stats_ptr + 1).to(tl.float64)
+            elif GROUPED:
+                g = tl.load(groups_ptr + sid, mask=tmask, other=-1)
+                # pass 1: count and sum of d_j = r_j - r_i over the members j of token t's group
+                cnt = tl.zeros([BLOCK_N], dtype=tl.float64)
+                s1 = tl.zeros([BLOCK_N], dtype=tl.float64)
+                for start in range(0, n_rewards, BLOCK_B):
+                    b = start + tl.arange(0, BLOCK_B)
+                    bmask = b < n_rewards
+                    rb = tl.load(rewards_ptr + b, mask=bmask, other=0.0).to(tl.float64)
+                    gb = tl.load(groups_ptr + b, mask=bmask, other=-1)
+                    same = (g[:, None] == gb[None, :]) & bmask[None, :]
+                    cnt += tl.sum(tl.where(same, 1.0, 0.0).to(tl.float64), axis=1)
+                    s1 += tl.sum(tl.where(same, rb[None, :] - r[:, None], 0.0), axis=1)
+                cnt = tl.maximum(cnt, 1.0)
+                mean_d = s1 / cnt
+                # pass 2: population variance from the deviations
+                s2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+                for start in range(0, n_rewards, BLOCK_B):
+                    b = start + tl.arange(0, BLOCK_B)
+                    bmask = b < n_rewards
+                    rb = tl.load(rewards_ptr + b, mask=bmask, other=0.0).to(tl.float64)
+                    gb = tl.load(groups_ptr + b, mask=bmask, other=-1)
+                    same = (g[:, None] == gb[None, :]) & bmask[None, :]
+                    e = rb[None, :] - r[:, None] - mean_d[:, None]
+                    s2 += tl.sum(tl.where(same, e * e, 0.0), axis=1)
+                std = tl.sqrt(s2 / cnt)
+                dev = -mean_d
             else:
-                acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+                shift = tl.load(rewards_ptr).to(tl.float64)
+                acc = tl.zeros([BLOCK_B], dtype=tl.float64)
                 for start in range(0, n_rewards, BLOCK_B):
                     b = start + tl.arange(0, BLOCK_B)
-                    acc += tl.load(rewards_ptr + b, mask=b < n_rewards, other=0.0).to(tl.float32)
-                mean = tl.sum(acc, axis=0) / n_rewards
-                acc2 = tl.zeros([BLOCK_B], dtype=tl.float32)
+                    rb = tl.load(rewards_ptr + b, mask=b < n_rewards, other=0.0).to(tl.float64)
+                    acc += tl.where(b < n_rewards, rb - shift, 0.0)
+                mean_d = tl.sum(acc, axis=0) / n_rewards
+                acc2 = tl.zeros([BLOCK_B], dtype=tl.float64)
                 for start in range(0, n_rewards, BLOCK_B):
                     b = start + tl.arange(0, BLOCK_B)
-                    rb = tl.load(rewards_ptr + b, mask=b < n_rewards, other=0.0).to(tl.float32)
-                    d = tl.where(b < n_rewards, rb - mean, 0.0)
-                    acc2 += d * d
+                    rb = tl.load(rewards_ptr + b, mask=b < n_rewards, other=0.0).to(tl.float64)
+                    e = tl.where(b < n_rewards, rb - shift - mean_d, 0.0)
+                    acc2 += e * e
                 std = tl.sqrt(tl.sum(acc2, axis=0) / n_rewards)
-            r = (r - mean) / (std + eps)
-        tl.store(out_ptr + offs, r, mask=tmask)
+                dev = (r - shift) - mean_d
+            zero = std == 0.0
+            r = tl.where(zero, 0.0, dev / tl.where(zero, 1.0, std + eps))  # no 0/0 even in masked lanes
+        tl.store(out_ptr + offs, r.to(tl.float32), mask=tmask)
 
     @triton.jit
     def _ce_rows_kernel(
@@ -132,20 +175,31 @@ def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), cap)
 
 
-def token_weights_triton(rewards, seq_ids_valid, *, standardize, eps, reward_stats):
-    """Triton twin of :func:`token_weights_torch` (fp32)."""
+def token_weights_triton(rewards, seq_ids_valid, *, standardize, eps, reward_stats, groups=None):
+    """Triton twin of :func:`token_weights_torch` (fp32 out, float64 statistics), one launch."""
     n = seq_ids_valid.numel()
     out = torch.empty(n, dtype=torch.float32, device=seq_ids_valid.device)
     if n == 0:
         return out
+    if rewards.dtype not in (torch.float32, torch.float64):  # bf16/fp16: not loadable when interpreted
+        rewards = rewards.float()
+    B = max(rewards.numel(), 1)
+    grouped = standardize == "group"
     stats = None
-    if reward_stats is not None:
-        stats = torch.stack([reward_stats[0], reward_stats[1]]).to(torch.float32)
-    BLOCK_N = 1024
-    BLOCK_B = min(triton.next_power_of_2(max(rewards.numel(), 1)), 4096)
+    if standardize == "batch" and reward_stats is not None:
+        stats = torch.stack([reward_stats[0], reward_stats[1]]).to(torch.float64)
+    if grouped:
+        # [BLOCK_N, BLOCK_B] float64 tiles: small when compiled (registers), large when interpreted
+        big = _interpreting()
+        BLOCK_N = min(triton.next_power_of_2(n), 1024) if big else 64
+        BLOCK_B = min(triton.next_power_of_2(B), 256 if big else 64)
+    else:
+        BLOCK_N = 1024
+        BLOCK_B = min(triton.next_power_of_2(B), 4096)
     _token_weight_kernel[(triton.cdiv(n, BLOCK_N),)](
-        rewards, rewards.numel(), stats if stats is not None else rewards, seq_ids_valid, out, n,
-        float(eps), STANDARDIZE=bool(standardize), HAS_STATS=stats is not None,
+        rewards, rewards.numel(), stats if stats is not None else rewards,
+        groups if grouped else seq_ids_valid, seq_ids_valid, out, n, float(eps),
+        STANDARDIZE=standardize != "none", HAS_STATS=stats is not None, GROUPED=grouped,
         BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N,
     )
     return out
@@ -384,7 +438,21 @@ def _as_stat(value, name, device):
     t = torch.as_tensor(value, device=device)
     if t.numel() != 1 or t.is_complex():
         raise ValueError(f"weighted_ce: reward_stats {name} must be one number, got shape {tuple(t.shape)}")
-    return t.reshape(()).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t.detach().reshape(()).to(torch.float64)
+
+
+_STANDARDIZE = {"none": "none", "batch": "batch", "group": "group"}
+
+
+def _standardize_mode(standardize) -> str:
+    """True / "batch" -> "batch"; "group"; False / None / "none" -> "none"."""
+    if standardize is None or standardize is False:
+        return "none"
+    if standardize is True:
+        return "batch"
+    if isinstance(standardize, str) and standardize in _STANDARDIZE:
+        return standardize
+    raise ValueError(f"weighted_ce: standardize must be True/'batch', 'group', or False/None/'none', got {standardize!r}")
 
 
 def weighted_ce(
@@ -395,7 +463,8 @@ def weighted_ce(
     rewards: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    standardize: bool = False,
+    standardize: bool | str | None = False,
+    groups: torch.Tensor | None = None,
     eps: float = 1e-6,
     reward_stats=None,
     ignore_index: int = -100,
@@ -406,11 +475,25 @@ def weighted_ce(
     """Reward-weighted cross-entropy of the linear head `hidden @ weight.T (+ bias)`, without ever
     building the [N, V] logits.
 
-    Per token t:  l_t = -log softmax(hidden_t @ weight.T + bias)[labels_t]  (0 where ignored), and
-    w_t = r~[seq_ids_t] where r~ = rewards (Refit), or with ``standardize=True`` (Swift)
-    (rewards - mean) / (std + eps) with the mean and population std of all entries of `rewards`
-    (or ``reward_stats=(mean, std)``, e.g. statistics all-reduced over ranks and micro-batches);
-    w_t = 1 without rewards (SFT / plain NLL).
+    Per token t:  l_t = -log softmax(hidden_t @ weight.T + bias)[labels_t]  (0 where ignored) and
+    w_t = r~[seq_ids_t], where r~ is, per conversation i,
+
+    - ``standardize=False`` (or None / "none"): r_i as given (Refit); w_t = 1 without rewards
+      (SFT / plain NLL);
+    - ``standardize=True`` (or "batch"): (r_i - mean) / (std + eps) with the mean and population
+      std of all entries of `rewards` (Swift with batch statistics), or of ``reward_stats=(mean,
+      std)`` when given (e.g. statistics all-reduced over ranks and micro-batches);
+    - ``standardize="group"``: (r_i - mean_g) / (std_g + eps) with the mean and population std of
+      the rewards of conversation i's group g = groups[i] (the paper's Swift, when the batch holds
+      whole groups: the m conversations logged for each prompt, GRPO-style).
+
+    The statistics are computed inside the loss, in float64, shifted by a member of each set so
+    that identical rewards give deviations of exactly 0 (see :func:`standardize_rewards`, the same
+    rule as a public function). A set whose std is 0 (one member, identical rewards, or a given std
+    of 0) gives weight exactly 0, also with eps=0, never NaN. The Triton path computes them in the
+    same launch that gathers the per-token weights, with no host sync; with groups it compares the
+    group ids of all B conversations for every trained token, O(N_trained * B) (negligible next to
+    the 6*N*D*V matmul work for B up to a few thousand).
 
     Args:
         hidden: [N, D] or [..., D] (e.g. [B, T, D]) fp32/bf16/fp16 (fp64 with impl="torch").
@@ -420,12 +503,15 @@ def weighted_ce(
         seq_ids: hidden.shape[:-1] integers, the conversation of each token, in [0, B) on trained
             tokens (ignored tokens may hold anything, e.g. -1 on padding). None: each row of a
             [B, T, D] input is a conversation; any other shape is one conversation.
-        rewards: [B] one finite reward per conversation (no gradient flows to it).
+        rewards: [B] one finite reward per conversation (|r| <= 1e100; no gradient flows to it).
         bias: optional [V] output bias.
-        standardize: Swift's standardized rewards (weights are 0 for a single conversation or
-            identical rewards, never NaN).
-        eps: added to the std in the standardization.
-        reward_stats: (mean, std) to standardize with instead of the batch's own.
+        standardize: False / None / "none", True / "batch", or "group" (above).
+        groups: [B] integer tensor on hidden's device, only with ``standardize="group"``: the
+            group (prompt) of each conversation, ids >= 0, e.g. in [0, n_groups); ids need not be
+            sorted or all used, and a group's conversations may lie anywhere in the packed rows.
+        eps: >= 0, added to the std in the standardization.
+        reward_stats: (mean, std) numbers to standardize with instead of the batch's own (only
+            with ``standardize=True``/"batch").
         reduction: "none" -> w_t * l_t per token, shape hidden.shape[:-1] (0 on ignored tokens;
             the backward is exact for any upstream gradient); "sum"; "mean" -> sum divided by the
             number of conversations with at least one trained token (normalize="sequence", the
@@ -439,7 +525,9 @@ def weighted_ce(
 
     Raises:
         ValueError: labels outside [0, V) other than ignore_index, seq_ids outside [0, B) on trained
-            tokens, non-finite rewards, shape/dtype/device mismatches, unknown options.
+            tokens, non-finite rewards, groups missing with "group" or given without it, groups of
+            the wrong shape/dtype/device or with negative ids, shape/dtype/device mismatches,
+            unknown options (each message names the argument).
 
     Example::
 
@@ -452,6 +540,13 @@ def weighted_ce(
         >>> rewards = torch.tensor([1.0, 0.2])
         >>> loss = weighted_ce(hidden, weight, labels, seq_ids, rewards, standardize=True)
         >>> loss.backward()
+
+    Swift with per-prompt statistics: 4 conversations, two prompts with two plays each::
+
+        >>> seq_ids = torch.tensor([0, 0, 1, 2, 2, 3, 3])
+        >>> rewards = torch.tensor([0.9, 0.1, 0.5, 0.5])          # prompt 1's plays tie: weight 0
+        >>> groups = torch.tensor([0, 0, 1, 1])
+        >>> loss = weighted_ce(hidden, weight, labels, seq_ids, rewards, standardize="group", groups=groups)
     """
     # ---- options ----
     if reduction not in _REDUCTIONS:
@@ -460,12 +555,17 @@ def weighted_ce(
         raise ValueError(f"weighted_ce: normalize must be one of {_NORMALIZE}, got {normalize!r}")
     if impl not in _IMPLS:
         raise ValueError(f"weighted_ce: impl must be one of {_IMPLS}, got {impl!r}")
-    if not (eps >= 0.0):
-        raise ValueError(f"weighted_ce: eps must be >= 0, got {eps}")
-    if standardize and rewards is None:
-        raise ValueError("weighted_ce: standardize=True needs rewards")
-    if reward_stats is not None and not standardize:
-        raise ValueError("weighted_ce: reward_stats is only used with standardize=True")
+    if not (isinstance(eps, (int, float)) and eps >= 0.0 and eps != float("inf")):
+        raise ValueError(f"weighted_ce: eps must be a finite number >= 0, got {eps}")
+    mode = _standardize_mode(standardize)
+    if mode != "none" and rewards is None:
+        raise ValueError(f"weighted_ce: standardize={standardize!r} needs rewards")
+    if reward_stats is not None and mode != "batch":
+        raise ValueError("weighted_ce: reward_stats is only used with standardize=True/'batch'")
+    if mode == "group" and groups is None:
+        raise ValueError("weighted_ce: standardize='group' needs groups, the [B] group id of each conversation")
+    if groups is not None and mode != "group":
+        raise ValueError(f"weighted_ce: groups is only used with standardize='group', got standardize={standardize!r}")
 
     # ---- tensors: types, shapes, devices ----
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(labels, torch.Tensor):
@@ -507,6 +607,16 @@ def weighted_ce(
         if not rewards.is_floating_point():
             rewards = rewards.float()
         rewards = rewards.detach().reshape(-1)
+    if groups is not None:
+        if not isinstance(groups, torch.Tensor):
+            raise ValueError(f"weighted_ce: groups must be a [B] integer tensor, got {type(groups).__name__}")
+        if groups.dim() != 1 or groups.numel() != rewards.numel():
+            raise ValueError(f"weighted_ce: groups must have shape [B]=({rewards.numel()},) like rewards, got {tuple(groups.shape)}")
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise ValueError(f"weighted_ce: groups must be an integer tensor, got {groups.dtype}")
+        if groups.device != device:
+            raise ValueError(f"weighted_ce: groups is on {groups.device} but hidden is on {device}")
+        groups = groups.detach() if groups.dtype == torch.int64 else groups.detach().long()
 
     # ---- impl ----
     if impl == "auto":
@@ -542,6 +652,10 @@ def weighted_ce(
         checks += [(valid & (sid < 0)).any(), torch.where(valid, sid, -1).max() if sid.numel() else torch.tensor(-1, device=device)]
     if rewards is not None:
         checks.append((~torch.isfinite(rewards)).any())
+        # only float64 rewards can be this large; the float64 sums of squared deviations stay finite
+        checks.append((rewards.abs() > REWARD_LIMIT).any() if rewards.dtype == torch.float64 else torch.tensor(False, device=device))
+    if groups is not None:
+        checks.append((groups < 0).any() if groups.numel() else torch.tensor(False, device=device))
     if reward_stats is not None:
         if not isinstance(reward_stats, (tuple, list)) or len(reward_stats) != 2:
             raise ValueError("weighted_ce: reward_stats must be a (mean, std) pair")
@@ -568,6 +682,13 @@ def weighted_ce(
             raise ValueError(f"weighted_ce: rewards has {rewards.numel()} entries but there are {n_conv} conversations")
         if vals[pos]:
             raise ValueError("weighted_ce: rewards contain NaN or inf")
+        if vals[pos + 1]:
+            raise ValueError(f"weighted_ce: rewards must be at most {REWARD_LIMIT:g} in magnitude")
+        pos += 2
+    if groups is not None:
+        if vals[pos]:
+            bad = groups[groups < 0][0].item()
+            raise ValueError(f"weighted_ce: groups value {bad} is negative (group ids must be >= 0)")
         pos += 1
     if stats is not None:
         if vals[pos]:
@@ -583,7 +704,7 @@ def weighted_ce(
         w_v = torch.ones(n_valid, dtype=torch.float32, device=device)
     else:
         weights_fn = token_weights_triton if impl == "triton" else token_weights_torch
-        w_v = weights_fn(rewards, sid_v, standardize=standardize, eps=eps, reward_stats=stats)
+        w_v = weights_fn(rewards, sid_v, standardize=mode, eps=eps, reward_stats=stats, groups=groups)
     if hidden.dtype == torch.float64:
         w_v = w_v.double()
     if reduction == "mean" and normalize == "sequence":
@@ -609,6 +730,8 @@ class WeightedCELoss(torch.nn.Module):
 
         >>> loss_fn = WeightedCELoss(standardize=True, chunk_bytes=64 << 20)
         >>> loss = loss_fn(hidden, model.lm_head.weight, labels, seq_ids, rewards)
+        >>> swift = WeightedCELoss(standardize="group")             # per-prompt statistics
+        >>> loss = swift(hidden, model.lm_head.weight, labels, seq_ids, rewards, groups=groups)
     """
 
     def __init__(self, *, standardize=False, eps=1e-6, ignore_index=-100, reduction="mean",
@@ -618,9 +741,11 @@ class WeightedCELoss(torch.nn.Module):
                            reduction=reduction, normalize=normalize, impl=impl)
         self.chunk_bytes, self.fp32_weight_grad = chunk_bytes, fp32_weight_grad
 
-    def forward(self, hidden, weight, labels, seq_ids=None, rewards=None, *, bias=None, reward_stats=None):
+    def forward(self, hidden, weight, labels, seq_ids=None, rewards=None, *, bias=None, groups=None,
+                reward_stats=None):
+        """See :func:`weighted_ce`; `groups` [B] is needed with ``standardize="group"``."""
         with chunk_budget(self.chunk_bytes, fp32_weight_grad=self.fp32_weight_grad):
-            return weighted_ce(hidden, weight, labels, seq_ids, rewards, bias=bias,
+            return weighted_ce(hidden, weight, labels, seq_ids, rewards, bias=bias, groups=groups,
                                reward_stats=reward_stats, **self.kwargs)
 
     def extra_repr(self) -> str:

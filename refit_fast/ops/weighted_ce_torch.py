@@ -2,31 +2,167 @@
 Triton kernels in weighted_ce.py compute.
 
 The chunk loop itself (one [chunk, V] logits buffer at a time, matmuls by the BLAS) is shared with
-the Triton path and lives in weighted_ce.py; the two paths differ only in the two functions below.
+the Triton path and lives in weighted_ce.py; the two paths differ only in the per-token weights and
+the per-row loss below. :func:`standardize_rewards` is the one statement of Swift's reward
+standardization, shared by weighted_ce's torch path and by callers that standardize a whole
+dataset's rewards once (the trainer).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+# |rewards| above this could overflow the float64 sum of squared deviations of millions of rewards
+REWARD_LIMIT = 1e100
 
-def token_weights_torch(rewards, seq_ids_valid, *, standardize, eps, reward_stats):
+
+def standardize_rewards(rewards, groups=None, *, eps: float = 1e-6, stats=None) -> torch.Tensor:
+    """Swift's standardized rewards ``(r_i - mean) / (std + eps)``, computed in float64.
+
+    The statistics are the mean and the *population* std (divide by n) of
+
+    - all entries of `rewards` (``groups=None``, the batch statistics), or the given
+      ``stats=(mean, std)`` (e.g. statistics of a whole dataset, or all-reduced over ranks);
+    - with `groups`, the rewards of conversation i's own group (prompt): the m conversations logged
+      for the same context, as in the paper.
+
+    Exactness: every set is shifted by one of its members (its first, in index order) before the
+    sums, so a set of identical rewards (e.g. seven copies of 100.1) has deviations of exactly 0,
+    and the float64 sums do not overflow for rewards up to 1e100 in magnitude (float32 rewards of
+    1e20-1e30 are exact). A set whose std is 0 (identical rewards, one member, or a given std of 0)
+    gives weight exactly 0, also with eps=0; never NaN.
+
+    Args:
+        rewards: [B] real numbers (tensor, list or array), finite, ``|r| <= 1e100``.
+        groups: None, or [B] integer tensor on rewards' device, >= 0: the group (prompt) of each
+            conversation. Ids need not be consecutive or sorted; each distinct id is one group.
+        eps: >= 0, added to the std.
+        stats: (mean, std) numbers to use instead of the batch's own (only with ``groups=None``);
+            std >= 0.
+
+    Returns:
+        [B] float64 tensor on rewards' device.
+
+    Cost: O(B) (index_add / scatter over the groups); group ids larger than 4 B + 1024 are first
+    renumbered with a sort (``torch.unique``), O(B log B). On a CUDA tensor the checks and the group
+    count read back to the host.
+
+    Raises:
+        ValueError: naming the argument, for a wrong shape, dtype or device, non-finite or too large
+            rewards, negative group ids, bad stats or eps.
+
+    Example::
+
+        >>> standardize_rewards(torch.tensor([1.0, 3.0, 0.5, 0.5, 7.0]), torch.tensor([4, 4, 0, 0, 2]))
+        tensor([-1.0000,  1.0000,  0.0000,  0.0000,  0.0000], dtype=torch.float64)
+        >>> standardize_rewards(torch.tensor([1.0, 3.0]), eps=0.0)
+        tensor([-1.,  1.], dtype=torch.float64)
+        >>> standardize_rewards(torch.tensor([1.0, 3.0]), eps=0.0, stats=(2.0, 2.0))
+        tensor([-0.5000,  0.5000], dtype=torch.float64)
+    """
+    name = "standardize_rewards"
+    if not isinstance(rewards, torch.Tensor):
+        rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 1:
+        raise ValueError(f"{name}: rewards must be a 1-D [B] tensor, got shape {tuple(rewards.shape)}")
+    if rewards.is_complex() or rewards.dtype == torch.bool:
+        raise ValueError(f"{name}: rewards must be real numbers, got {rewards.dtype}")
+    r = rewards.detach().to(torch.float64)
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
+    if r.numel() and bool(((~torch.isfinite(r)) | (r.abs() > REWARD_LIMIT)).any()):
+        raise ValueError(f"{name}: rewards must be finite and at most {REWARD_LIMIT:g} in magnitude")
+    if groups is not None:
+        if stats is not None:
+            raise ValueError(f"{name}: stats is only used without groups (batch statistics)")
+        if not isinstance(groups, torch.Tensor):
+            raise ValueError(f"{name}: groups must be a [B] integer tensor, got {type(groups).__name__}")
+        if groups.shape != r.shape:
+            raise ValueError(f"{name}: groups must have shape [B]={tuple(r.shape)} like rewards, got {tuple(groups.shape)}")
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise ValueError(f"{name}: groups must be an integer tensor, got {groups.dtype}")
+        if groups.device != r.device:
+            raise ValueError(f"{name}: groups is on {groups.device} but rewards is on {r.device}")
+        if groups.numel() and bool((groups < 0).any()):
+            raise ValueError(f"{name}: groups must be >= 0")
+    if stats is not None:
+        stats = _check_stats(stats, r.device, name)
+    return _standardize(r, groups, eps, stats)
+
+
+def _check_stats(stats, device, name):
+    if not isinstance(stats, (tuple, list)) or len(stats) != 2:
+        raise ValueError(f"{name}: stats must be a (mean, std) pair")
+    out = []
+    for what, v in zip(("mean", "std"), stats):
+        t = torch.as_tensor(v, device=device) if not isinstance(v, torch.Tensor) else v.detach().to(device)
+        if t.numel() != 1 or t.is_complex():
+            raise ValueError(f"{name}: stats {what} must be one number, got shape {tuple(t.shape)}")
+        out.append(t.reshape(()).to(torch.float64))
+    if not bool(torch.isfinite(out[0]) & torch.isfinite(out[1])):
+        raise ValueError(f"{name}: stats contain NaN or inf")
+    if bool(out[1] < 0):
+        raise ValueError(f"{name}: stats std must be >= 0")
+    return tuple(out)
+
+
+def _dense_ids(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Group ids as indices into [0, n_groups): the ids themselves when they are small, else their
+    rank among the distinct ids."""
+    B = groups.numel()
+    top = int(groups.max()) + 1 if B else 0
+    if top <= 4 * B + 1024:
+        return groups.long(), top
+    uniq, inverse = torch.unique(groups, return_inverse=True)
+    return inverse.reshape(-1), uniq.numel()
+
+
+def _standardize(r: torch.Tensor, groups, eps: float, stats) -> torch.Tensor:
+    """standardize_rewards without the checks: r [B] float64, groups [B] ids >= 0 or None,
+    stats a (mean, std) pair of float64 0-dim tensors or None."""
+    B = r.numel()
+    if stats is not None:
+        mean, std = stats
+        dev = r - mean
+    elif B == 0:
+        return r.clone()
+    elif groups is None:
+        d = r - r[0]  # the shift: identical rewards give d == 0 exactly
+        dev = d - d.mean()
+        std = dev.square().mean().sqrt()  # population std
+    else:
+        gid, n = _dense_ids(groups)
+        first = torch.full((n,), B, dtype=torch.long, device=r.device).scatter_reduce_(
+            0, gid, torch.arange(B, device=r.device), "amin")  # each group's first member
+        d = r - r[first.clamp_max(B - 1)[gid]]
+        count = torch.zeros(n, dtype=torch.float64, device=r.device).index_add_(0, gid, torch.ones_like(r))
+        count = count.clamp_min(1)  # ids that no conversation uses
+        mean_d = torch.zeros(n, dtype=torch.float64, device=r.device).index_add_(0, gid, d) / count
+        dev = d - mean_d[gid]
+        var = torch.zeros(n, dtype=torch.float64, device=r.device).index_add_(0, gid, dev.square()) / count
+        std = var.sqrt()[gid]
+    out = dev / (std + eps)
+    return torch.where(std == 0, torch.zeros_like(out), out)
+
+
+def token_weights_torch(rewards, seq_ids_valid, *, standardize, eps, reward_stats, groups=None):
     """Per-token reward weight w_t = r~[seq_ids_t] for the trained tokens, in fp32 (fp64 if rewards are).
 
-    r~ are the rewards as given (Refit), or standardized with the batch statistics (Swift): mean and
-    population std over all entries of `rewards`, unless `reward_stats=(mean, std)` is given.
+    standardize: "none" (r~ = rewards, Refit), "batch" (statistics of all entries of `rewards`, or
+    `reward_stats` = (mean, std) float64 0-dim tensors) or "group" (per-group statistics, `groups`
+    [B] ids): :func:`standardize_rewards`, in float64, rounded once at the end.
 
         >>> token_weights_torch(torch.tensor([1.0, 3.0]), torch.tensor([0, 0, 1]),
-        ...                     standardize=True, eps=0.0, reward_stats=None)
+        ...                     standardize="batch", eps=0.0, reward_stats=None)
         tensor([-1., -1.,  1.])
     """
-    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-    if standardize:
-        if reward_stats is not None:
-            mean, std = reward_stats[0].to(r.dtype), reward_stats[1].to(r.dtype)
-        else:
-            mean = r.mean()
-            std = (r - mean).square().mean().sqrt()  # population std (unbiased=False)
-        r = (r - mean) / (std + eps)
+    out_dtype = torch.promote_types(rewards.dtype, torch.float32)
+    if standardize == "none":
+        r = rewards.to(out_dtype)
+    else:
+        r = _standardize(rewards.to(torch.float64), groups if standardize == "group" else None, eps,
+                         reward_stats if standardize == "batch" else None).to(out_dtype)
     return r[seq_ids_valid]
 
 
