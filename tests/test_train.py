@@ -3,7 +3,9 @@ stop cleanly, and a tiny model actually learns.
 
 The key invariant: after one SGD step with lr=1 the parameters move by exactly minus the gradient of
 the objective over the whole step batch, computed here independently with the unmodified HF model
-(full logits, one conversation at a time), for every algorithm and any grad_accum.
+(full logits, one conversation at a time), for every algorithm and any grad_accum. Swift's weights,
+STaR-GATE's selection and DPO's pairs are recomputed here by hand from the raw JSONL rows (groups:
+the `group` field, else the prompt).
 """
 import json
 import math
@@ -16,11 +18,12 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-from refit_fast.data import load_tokenized
+from refit_fast.data import build_word_tokenizer, load_tokenized
 from refit_fast.model import build_model_from_config, load_model, tiny_config
 from refit_fast.train import ConfigError, NonFiniteLossError, TrainConfig, load_config, train
 from refit_fast.train import checkpoint as ckpt_mod
-from refit_fast.train.data import Schedule, TrainData, assign_rows, dpo_pairs, filter_top, make_units
+from refit_fast.train.data import (Schedule, TrainData, assign_rows, best_per_group, dpo_pairs, filter_top,
+                                   group_index, make_units)
 
 WORDS = "red blue green small big cat dog bird runs sits flies fast slow yes no maybe".split()
 QUESTIONS = ["pick a color", "name an animal", "how fast", "which size", "say yes or no"]
@@ -41,6 +44,68 @@ def write_data(path, n=12, seed=0, answer_len=(2, 6)):
             ]
             f.write(json.dumps({"id": f"c{i}", "messages": msgs, "reward": round(rng.random(), 3)}) + "\n")
     return str(path)
+
+
+# (first user message, reward, group field or None): odd groups (3 and 5), a singleton, a group of equal
+# rewards, and a group "t7" joined by the group field across three wordings (one of them "pick a
+# color", which the field takes out of that prompt's group).
+GROUPED_ROWS = [
+    ("pick a color", 0.2, None), ("pick a color", 0.9, None), ("pick a color", 0.5, None),
+    ("name an animal", 0.7, None),
+    ("how fast", 0.4, None), ("how fast", 0.4, None),
+    ("which size", 0.1, "t7"), ("what size is it", 0.8, "t7"), ("pick a color", 0.3, "t7"),
+    ("say yes or no", 0.0, None), ("say yes or no", 1.0, None), ("say yes or no", 0.25, None),
+    ("say yes or no", 0.25, None), ("say yes or no", 0.6, None),
+]
+
+
+def write_grouped_data(path, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i, (question, reward, group) in enumerate(GROUPED_ROWS):
+            msgs = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))}]
+            row = {"id": f"g{i}", "messages": msgs, "reward": reward}
+            if group is not None:
+                row["group"] = group
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def raw_group_keys(path):
+    """Each row's group, by hand from the JSONL: its group field, else its messages before the first
+    assistant turn."""
+    keys = []
+    for line in open(path):
+        row = json.loads(line)
+        prompt = []
+        for m in row["messages"]:
+            if m["role"] == "assistant":
+                break
+            prompt.append(m)
+        keys.append(("group", str(row["group"])) if row.get("group") is not None else ("prompt", json.dumps(prompt)))
+    return keys
+
+
+def hand_swift_weights(rewards, keys, eps):
+    """(r - mean_g) / (std_g + eps), population std, float64; 0 for a group without two distinct rewards."""
+    r = np.asarray(rewards, np.float64)
+    w = np.zeros_like(r)
+    for k in set(keys):
+        idx = [i for i, x in enumerate(keys) if x == k]
+        if len(set(r[idx].tolist())) > 1:
+            mean = sum(r[idx]) / len(idx)
+            std = math.sqrt(sum((r[idx] - mean) ** 2) / len(idx))
+            w[idx] = (r[idx] - mean) / (std + eps)
+    return w
+
+
+def hand_best_per_group(rewards, keys):
+    best = {}
+    for i, (k, r) in enumerate(zip(keys, rewards)):
+        if k not in best or r > rewards[best[k]]:
+            best[k] = i
+    return sorted(best.values())
 
 
 def base_config(tmp_path, data, **over):
@@ -70,32 +135,45 @@ def seq_logp(model, ids, mask):
     return (lp * torch.as_tensor(mask[1:], dtype=torch.float64)).sum()
 
 
-def reference_step(cfg, tokenizer, convs_filter=None):
-    """(loss, {name: param - grad}) for one SGD(lr=1) step on the whole data set as one step batch."""
+def reference_step(cfg, tokenizer, convs_filter=None, parts=None):
+    """(loss, {name: param - grad}) for one SGD(lr=1) step on the whole data set as one step batch.
+    ``parts``: a dict that receives Swift's (loss_pos, loss_neg)."""
     model = build_model_from_config(MODEL, seed=cfg.seed, attn_backend=None)
     model.train()
     convs, _ = load_tokenized(cfg.data.path, tokenizer, progress=False)
+    keys = raw_group_keys(cfg.data.path)
+    assert len(keys) == len(convs)  # every row survived, so row i is conversation i
+    if cfg.algorithm == "star_gate":
+        keep = hand_best_per_group([c.reward for c in convs], keys)
+        convs, keys = [convs[i] for i in keep], [keys[i] for i in keep]
     if convs_filter is not None:
         convs = convs_filter(convs)
     r = torch.tensor([c.reward for c in convs], dtype=torch.float64)
     algo = cfg.algorithm
     if algo == "dpo":
-        pairs = dpo_pairs(r.numpy(), [c.prompt_key for c in convs], cfg.objective.dpo_pairs)
+        pairs = dpo_pairs(r.numpy(), keys, cfg.objective.dpo_pairs)
         lp = torch.stack([seq_logp(model, c.input_ids, c.loss_mask) for c in convs])
         ref = lp.detach()
         delta = lp - ref
         z = cfg.objective.dpo_beta * (delta[pairs[:, 0]] - delta[pairs[:, 1]])
         loss = torch.nn.functional.softplus(-z).mean()
     else:
-        if algo in ("sft", "filtered_sft"):
+        eps = cfg.objective.swift_eps
+        if algo in ("sft", "filtered_sft", "star_gate"):
             w = torch.ones_like(r)
         elif algo == "refit":
             w = r
+        elif cfg.objective.swift_stats == "step":
+            w = (r - r.mean()) / (r.std(unbiased=False) + eps)
         else:
-            w = (r - r.mean()) / (r.std(unbiased=False) + cfg.objective.swift_eps)
+            by = keys if cfg.objective.swift_stats == "group" else [0] * len(convs)
+            w = torch.from_numpy(hand_swift_weights(r.numpy(), by, eps))
         lp = torch.stack([seq_logp(model, c.input_ids, c.loss_mask) for c in convs])
         denom = len(convs) if cfg.objective.normalize == "sequence" else sum(int(c.loss_mask[1:].sum()) for c in convs)
         loss = -(w * lp).sum() / denom
+        if parts is not None:
+            parts["loss_pos"] = float(-(w.clamp(min=0) * lp.detach()).sum() / denom)
+            parts["loss_neg"] = float(-(w.clamp(max=0) * lp.detach()).sum() / denom)
     loss.backward()
     return float(loss.detach()), {n: (p - p.grad).detach() for n, p in model.named_parameters()}
 
@@ -111,11 +189,12 @@ def assert_params_close(result, expected, rtol=2e-4, atol=2e-6):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "refit", "swift"])
-def test_step_gradient_equals_whole_batch_gradient(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,swift_stats", [("sft", None), ("refit", None), ("swift", "step")])
+def test_step_gradient_equals_whole_batch_gradient(tmp_path, algorithm, swift_stats):
     data = write_data(tmp_path / "d.jsonl")
+    over = {"objective.swift_stats": swift_stats} if swift_stats else {}
     # max_tokens=96 packs these 12 conversations into 3 rows: grad_accum=3 is one step over all of them.
-    cfg = base_config(tmp_path, data, algorithm=algorithm, **{"batch.grad_accum": 3})
+    cfg = base_config(tmp_path, data, algorithm=algorithm, **{"batch.grad_accum": 3, **over})
     res = train(cfg)
     m = res.metrics[0]
     assert m["rows"] == 3 and m["conversations"] == 12, m
@@ -123,11 +202,112 @@ def test_step_gradient_equals_whole_batch_gradient(tmp_path, algorithm):
     assert res.losses[0] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert_params_close(res, expected)
     # and one big row (grad_accum=1) gives the same step
-    cfg1 = base_config(tmp_path, data, algorithm=algorithm, output_dir=str(tmp_path / "one"), **{"batch.max_tokens": 1024})
+    cfg1 = base_config(tmp_path, data, algorithm=algorithm, output_dir=str(tmp_path / "one"),
+                       **{"batch.max_tokens": 1024, **over})
     res1 = train(cfg1)
     assert res1.metrics[0]["rows"] == 1
     assert res1.losses[0] == pytest.approx(res.losses[0], rel=1e-5, abs=1e-6)
     assert_params_close(res1, expected)
+
+
+@pytest.mark.parametrize("algorithm,swift_stats", [("swift", "group"), ("swift", "dataset"), ("star_gate", None), ("dpo", None)])
+def test_grouped_step_gradient_equals_whole_dataset_objective(tmp_path, algorithm, swift_stats):
+    """Swift with the data set's group (or global) statistics, STaR-GATE and DPO on groups with odd
+    sizes, a singleton, equal rewards and a group field that overrides the prompt: one step over all of
+    it, in several packed rows and in one, equals autograd of the objective with hand-made weights."""
+    data = write_grouped_data(tmp_path / "g.jsonl")
+    over = {"objective.swift_stats": swift_stats} if swift_stats else {}
+    n_expected = {"star_gate": 5, "dpo": 4}.get(algorithm, len(GROUPED_ROWS))  # conversations or pairs
+    for out, max_tokens in (("rows", 40 if algorithm != "dpo" else 80), ("one", 1024)):
+        cfg = base_config(tmp_path, data, algorithm=algorithm, output_dir=str(tmp_path / out),
+                          **{"batch.max_tokens": max_tokens, "batch.grad_accum": 8, **over})
+        res = train(cfg)
+        m = res.metrics[0]
+        assert res.total_steps == 1 and (m["rows"] > 1) == (out == "rows"), m
+        assert m.get("pairs", m["conversations"]) == n_expected, m
+        parts = {}
+        ref_loss, expected = reference_step(cfg, res.tokenizer, parts=parts)
+        if algorithm != "dpo":
+            assert res.losses[0] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+        assert_params_close(res, expected)
+        if algorithm == "swift":
+            # Swift's loss split by weight sign; both parts checked against the hand objective
+            assert m["loss_pos"] == pytest.approx(parts["loss_pos"], rel=1e-5, abs=1e-6)
+            assert m["loss_neg"] == pytest.approx(parts["loss_neg"], rel=1e-5, abs=1e-6)
+            assert m["loss_pos"] + m["loss_neg"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-6)
+            assert m["loss_pos"] > 0 > m["loss_neg"]  # NLL > 0: positive weights add, negative ones subtract
+            # singleton + two equal rewards (group) / none (dataset)
+            assert m["zero_weight"] == (3 if swift_stats == "group" else 0)
+
+
+def test_swift_weights_do_not_depend_on_packing_or_grad_accum(tmp_path, monkeypatch):
+    """Over one epoch every conversation is weighted by its whole-data-set group weight, whatever the
+    token budget and accumulation (so the steps differ); data.group_key names another field."""
+    import refit_fast.train.objectives as obj
+
+    data = write_grouped_data(tmp_path / "g.jsonl")
+    renamed = tmp_path / "task.jsonl"
+    renamed.write_text("".join(json.dumps({("task" if k == "group" else k): v for k, v in json.loads(line).items()}) + "\n"
+                               for line in open(data)))
+    hand = hand_swift_weights([r for _, r, _ in GROUPED_ROWS], raw_group_keys(data), 1e-6)
+    convs, _ = load_tokenized(data, build_word_tokenizer(WORDS + [q for q, _, _ in GROUPED_ROWS]), progress=False)
+    td = TrainData.from_tokenized(convs)
+    w64 = obj.swift_weights(td.rewards, group_index(td.groups), 1e-6)
+    np.testing.assert_allclose(w64, hand, rtol=1e-12, atol=0)
+    assert np.flatnonzero(w64 == 0).tolist() == [3, 4, 5]  # exactly 0: the singleton and the equal pair
+    real, seen = obj.weighted_ce, []
+
+    def spy(hidden, weight, labels, seq_ids, rewards=None, **k):
+        if rewards is not None:
+            seen.extend(rewards.tolist())
+        return real(hidden, weight, labels, seq_ids, rewards, **k)
+
+    monkeypatch.setattr(obj, "weighted_ce", spy)
+    for i, (path, max_tokens, accum, extra) in enumerate([(data, 40, 1, {}), (data, 1024, 1, {}), (data, 60, 2, {}),
+                                                          (str(renamed), 40, 1, {"data.group_key": "task"})]):
+        seen.clear()
+        cfg = base_config(tmp_path, path, algorithm="swift", output_dir=str(tmp_path / f"o{i}"), steps=None,
+                          **{"batch.max_tokens": max_tokens, "batch.grad_accum": accum, "log.every": 0,
+                             "optim.lr": 0.1, **extra})
+        res = train(cfg)
+        assert sum(m["conversations"] for m in res.metrics) == len(GROUPED_ROWS)
+        assert (len(res.losses) == 1) == (max_tokens == 1024), len(res.losses)
+        assert sorted(seen) == sorted(np.float32(hand).tolist()), (max_tokens, accum, extra)
+        assert sum(m["zero_weight"] for m in res.metrics) == 3
+
+
+def test_swift_summary_metrics_and_no_distinct_rewards_error(tmp_path, capsys):
+    data = write_grouped_data(tmp_path / "g.jsonl")
+    cfg = base_config(tmp_path, data, algorithm="swift", steps=None, **{"batch.max_tokens": 40, "log.quiet": False,
+                                                                       "log.every": 2})
+    res = train(cfg)
+    out = capsys.readouterr().out
+    assert "swift weights from 5 groups (by 'group' field or prompt): 3 of 14 conversations have weight 0 " \
+           "(1 alone in their group, 2 in groups whose rewards are all equal)" in out, out
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [x["zero_weight"] for x in lines] == [m["zero_weight"] for m in res.metrics] and sum(
+        x["zero_weight"] for x in lines) == 3
+    # the parts on logging steps (every 2nd and the last) only
+    assert [("loss_pos" in x) for x in lines] == [(k + 1) % 2 == 0 or k + 1 == len(lines) for k in range(len(lines))]
+    for x in lines:
+        if "loss_pos" in x:
+            assert x["loss_pos"] + x["loss_neg"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+    # step statistics: the same split, no zero_weight field
+    res = train(cfg.replace(overwrite=True, **{"objective.swift_stats": "step", "log.quiet": True}))
+    assert "zero_weight" not in res.metrics[0]
+    assert res.metrics[-1]["loss_pos"] + res.metrics[-1]["loss_neg"] == pytest.approx(res.losses[-1], rel=1e-5, abs=1e-6)
+
+    # every prompt once: no group holds two different rewards
+    single = write_data(tmp_path / "single.jsonl", n=5)
+    cfg = base_config(tmp_path, single, algorithm="swift", output_dir=str(tmp_path / "single"))
+    with pytest.raises(ConfigError, match=r"no group .* holds two different rewards.*swift_stats=step or dataset"):
+        train(cfg)
+    assert len(train(cfg.replace(**{"objective.swift_stats": "dataset"})).losses) == 1  # global statistics still work
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps(dict(json.loads(x), reward=0.5)) + "\n" for x in open(single)))
+    with pytest.raises(ConfigError, match="all 5 rewards are equal"):
+        train(base_config(tmp_path, str(same), algorithm="swift", output_dir=str(tmp_path / "same"),
+                          **{"objective.swift_stats": "dataset"}))
 
 
 def test_token_normalization(tmp_path):
@@ -312,6 +492,7 @@ def test_config_yaml_overrides_and_validation(tmp_path):
     cfg = load_config(str(p), ["optim.lr=1e-4", "batch.grad_accum=4", "optim.betas=[0.9, 0.99]", "tokenizer=word"])
     assert (cfg.algorithm, cfg.optim.lr, cfg.batch.grad_accum, cfg.optim.betas) == ("swift", 1e-4, 4, (0.9, 0.99))
     assert cfg.tokenizer.kind == "word" and cfg.data.path == "x.jsonl"
+    assert (cfg.objective.swift_stats, cfg.data.group_key) == ("group", "group")  # the paper's statistics by default
     assert load_config(str(p)).optim.lr == 1.0 and isinstance(load_config(str(p)).optim.lr, float)
     for over, match in [
         (["algorithm=ppo"], "algorithm"),
@@ -320,6 +501,8 @@ def test_config_yaml_overrides_and_validation(tmp_path):
         (["optim.lrr=1"], "did you mean optim.lr"),
         (["model.path=/nonexistent"], "model"),
         (["objective.filter_top_fraction=0"], "filter_top_fraction"),
+        (["objective.swift_stats=batch"], "objective.swift_stats"),
+        (["data.group_key="], "data.group_key"),
         (["lr"], "key=value"),
     ]:
         with pytest.raises(ConfigError, match=match):
@@ -343,6 +526,10 @@ def test_dpo_pairs_and_filter():
     assert dpo_pairs(r, keys).tolist() == [[1, 0], [3, 4]]
     assert dpo_pairs(np.array([1.0, 1.0]), ["a", "a"]).shape == (0, 2)  # equal rewards: no pair
     assert filter_top(r, 0.4).tolist() == [1, 2]
+    # STaR-GATE: one per group, the best, ties to the first; groups by first appearance, output in data order
+    assert best_per_group(r, keys).tolist() == [1, 3]
+    assert best_per_group(np.array([0.5, 0.2, 0.5, 0.9, 0.2, 0.9]), ["b", "a", "b", "c", "a", "c"]).tolist() == [0, 1, 3]
+    assert best_per_group(np.zeros(0), []).tolist() == []
 
 
 def test_schedule_covers_every_unit_once_per_epoch():

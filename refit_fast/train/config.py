@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "ALGORITHMS",
+    "SWIFT_STATS",
     "BatchConfig",
     "CheckpointConfig",
     "ConfigError",
@@ -29,7 +30,8 @@ __all__ = [
     "load_config",
 ]
 
-ALGORITHMS = ("sft", "filtered_sft", "refit", "swift", "dpo")
+ALGORITHMS = ("sft", "filtered_sft", "star_gate", "refit", "swift", "dpo")
+SWIFT_STATS = ("group", "step", "dataset")
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,10 @@ class DataConfig:
     messages_key: str = "messages"
     reward_key: str = "reward"
     id_key: str = "id"
+    # the row field naming a conversation's group (the context it was logged for); rows without it
+    # are grouped by prompt (the messages before the first assistant turn). Used by swift_stats=group,
+    # star_gate and dpo.
+    group_key: str = "group"
     overlong: str = "drop"  # drop | error: conversations longer than batch.max_tokens
 
 
@@ -85,11 +91,16 @@ class OptimConfig:
 @dataclass
 class ObjectiveConfig:
     normalize: str = "sequence"  # sequence: divide by #conversations in the step; token: by #trained tokens
-    swift_eps: float = 1e-6  # r~ = (r - mean) / (std + swift_eps)
+    # Swift's r~ = (r - mean) / (std + swift_eps), population std, with the mean and std of:
+    # group: the conversations of the same group (prompt or group field), over the whole data set,
+    # computed once before training (the paper's); dataset: all conversations, computed once;
+    # step: the conversations of each optimizer step.
+    swift_stats: str = "group"
+    swift_eps: float = 1e-6
     filter_top_fraction: float = 0.5  # filtered_sft keeps this fraction of highest-reward conversations
     filter_min_reward: float | None = None  # filtered_sft: keep reward >= this instead (overrides the fraction)
     dpo_beta: float = 0.1
-    dpo_pairs: str = "disjoint"  # disjoint: each conversation in <= 1 pair per prompt; all: every ordered pair
+    dpo_pairs: str = "disjoint"  # disjoint: each conversation in <= 1 pair per group; all: every ordered pair
 
 
 @dataclass
@@ -111,7 +122,7 @@ class LogConfig:
 class TrainConfig:
     """All training options. See the field comments; defaults in parentheses in the README."""
 
-    algorithm: str = "refit"  # sft | filtered_sft | refit | swift | dpo
+    algorithm: str = "refit"  # sft | filtered_sft | star_gate | refit | swift | dpo
     output_dir: str = "runs/refit"
     seed: int = 0
     steps: int | None = None  # optimizer steps; None: run `epochs` epochs
@@ -191,6 +202,8 @@ class TrainConfig:
              f"must be auto, word, none or a local path, got {self.tokenizer.kind!r}")
         need(self.tokenizer.kind != "path" or bool(self.tokenizer.path), "tokenizer.path", "is missing")
         need(self.data.path is not None and self.data.path != [], "data.path", "is missing (a JSONL file or a list of files)")
+        need(isinstance(self.data.group_key, str) and bool(self.data.group_key), "data.group_key",
+             f"must be a non-empty field name, got {self.data.group_key!r}")
         need(self.data.overlong in ("drop", "error"), "data.overlong", f"must be drop or error, got {self.data.overlong!r}")
         b = self.batch
         need(_is_int(b.max_tokens) and b.max_tokens >= 2, "batch.max_tokens", f"must be an integer >= 2, got {b.max_tokens!r}")
@@ -211,6 +224,8 @@ class TrainConfig:
         need(_num(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip!r}")
         j = self.objective
         need(j.normalize in ("sequence", "token"), "objective.normalize", f"must be sequence or token, got {j.normalize!r}")
+        need(j.swift_stats in SWIFT_STATS, "objective.swift_stats",
+             f"must be one of {list(SWIFT_STATS)}, got {j.swift_stats!r}")
         need(_num(j.swift_eps) and j.swift_eps >= 0, "objective.swift_eps", f"must be >= 0, got {j.swift_eps!r}")
         need(_num(j.filter_top_fraction) and 0 < j.filter_top_fraction <= 1, "objective.filter_top_fraction",
              f"must be in (0, 1], got {j.filter_top_fraction!r}")

@@ -1,6 +1,6 @@
 """Training data: conversations -> training units -> per-epoch bin plans -> step batches -> rank rows.
 
-A *unit* is what the packer never splits: one conversation (sft, filtered_sft, refit, swift) or one
+A *unit* is what the packer never splits: one conversation (sft, filtered_sft, star_gate, refit, swift) or one
 DPO pair (chosen and rejected conversation side by side in the same row, so the pair's loss is exact
 inside one micro-batch). Each epoch plans the units into bins of at most ``max_tokens`` tokens
 (``plan_bins``, seeded by ``seed + epoch``); optimizer step ``s`` of an epoch takes the consecutive
@@ -23,8 +23,10 @@ __all__ = [
     "TrainData",
     "Schedule",
     "assign_rows",
+    "best_per_group",
     "dpo_pairs",
     "filter_top",
+    "group_index",
     "make_units",
 ]
 
@@ -35,6 +37,8 @@ class TrainData:
 
     ``trained[i]`` is the number of trained tokens of conversation ``i`` *after* the packer's shift
     (``loss_mask[1:].sum()``); the trainer keeps only conversations with ``trained > 0``.
+    ``groups[i]`` is the conversation's group (the context it was logged for): its ``group`` field
+    when it has one, else its prompt key. Swift's group statistics, STaR-GATE and DPO use it.
     """
 
     flat: FlatConversations
@@ -42,6 +46,7 @@ class TrainData:
     trained: np.ndarray  # int64 [n]
     prompt_keys: list[str]
     ids: list[str]
+    groups: list[str]
 
     def __len__(self) -> int:
         return len(self.flat)
@@ -49,14 +54,16 @@ class TrainData:
     @classmethod
     def from_tokenized(cls, convs) -> "TrainData":
         """From ``TokenizedConversation``-like objects (``input_ids``, ``loss_mask``, ``reward``,
-        ``prompt_key``, ``id``); conversations with no trainable token are left out.
+        ``prompt_key``, ``id``, optional ``group``); conversations with no trainable token are left out.
 
         Example:
             >>> from types import SimpleNamespace as C
             >>> d = TrainData.from_tokenized([C(id="a", input_ids=np.array([1, 2, 3]), loss_mask=np.array([0, 1, 1]),
-            ...                                 reward=1.0, prompt_key="p")])
-            >>> len(d), d.trained.tolist()
-            (1, [2])
+            ...                                 reward=1.0, prompt_key="p"),
+            ...                               C(id="b", input_ids=np.array([1, 2, 4]), loss_mask=np.array([0, 1, 1]),
+            ...                                 reward=0.0, prompt_key="q", group="p")])
+            >>> len(d), d.trained.tolist(), d.groups
+            (2, [2, 2], ['p:p', 'g:p'])
         """
         keep = [c for c in convs if int(np.asarray(c.loss_mask)[1:].sum()) > 0]
         flat = flatten([(np.asarray(c.input_ids), np.asarray(c.loss_mask)) for c in keep])
@@ -67,6 +74,8 @@ class TrainData:
             trained=trained,
             prompt_keys=[str(c.prompt_key) for c in keep],
             ids=[str(c.id) for c in keep],
+            # prefixed, so that a group field never collides with another conversation's prompt key
+            groups=[f"p:{c.prompt_key}" if getattr(c, "group", None) is None else f"g:{c.group}" for c in keep],
         )
 
     def content_keys(self) -> list[bytes]:
@@ -82,8 +91,36 @@ class TrainData:
     def subset(self, index) -> "TrainData":
         index = np.asarray(index, np.int64)
         flat = flatten([self.flat.conversation(int(i)) for i in index])
-        return TrainData(flat, self.rewards[index], self.trained[index],
-                         [self.prompt_keys[i] for i in index], [self.ids[i] for i in index])
+        return TrainData(flat, self.rewards[index], self.trained[index], [self.prompt_keys[i] for i in index],
+                         [self.ids[i] for i in index], [self.groups[i] for i in index])
+
+
+def group_index(groups) -> np.ndarray:
+    """``int64 [n]``: each conversation's group as 0..G-1, numbered by first appearance.
+
+    Example:
+        >>> group_index(["b", "a", "b", "c"]).tolist()
+        [0, 1, 0, 2]
+    """
+    first: dict = {}
+    return np.array([first.setdefault(g, len(first)) for g in groups], np.int64)
+
+
+def best_per_group(rewards: np.ndarray, groups) -> np.ndarray:
+    """Indices kept by STaR-GATE: the highest-reward conversation of each group, exactly one per group
+    (ties broken by data order), in data order.
+
+    Example:
+        >>> best_per_group(np.array([0.2, 0.9, 0.9, 0.1, 0.5]), ["a", "a", "a", "b", "c"]).tolist()
+        [1, 3, 4]
+    """
+    rewards = np.asarray(rewards, np.float64)
+    g = group_index(groups)
+    # stable sort by (group, -reward): the first entry of each group is its best, earliest one
+    order = np.lexsort((-rewards, g))
+    first = np.ones(len(order), bool)
+    first[1:] = g[order][1:] != g[order][:-1]
+    return np.sort(order[first])
 
 
 def filter_top(rewards: np.ndarray, fraction: float, min_reward: float | None = None) -> np.ndarray:
@@ -104,15 +141,16 @@ def filter_top(rewards: np.ndarray, fraction: float, min_reward: float | None = 
     return np.sort(order)
 
 
-def dpo_pairs(rewards: np.ndarray, prompt_keys: list[str], mode: str = "disjoint", content_keys=None) -> np.ndarray:
-    """``[P, 2]`` (chosen, rejected) conversation indices with the same prompt and different rewards.
+def dpo_pairs(rewards: np.ndarray, groups: list[str], mode: str = "disjoint", content_keys=None) -> np.ndarray:
+    """``[P, 2]`` (chosen, rejected) conversation indices in the same group and with different rewards.
 
-    ``disjoint``: per prompt, conversations by decreasing reward (stable); the best unused one is
-    paired with the worst unused one that has a strictly lower reward, until none is left; each
-    conversation is in at most one pair. ``all``: every (i, j) with the same prompt and ``r_i > r_j``.
+    ``groups``: one key per conversation (the trainer passes ``TrainData.groups``: the group field,
+    else the prompt). ``disjoint``: per group, conversations by decreasing reward (stable); the best
+    unused one is paired with the worst unused one that has a strictly lower reward, until none is
+    left; each conversation is in at most one pair. ``all``: every (i, j) of a group with ``r_i > r_j``.
     With ``content_keys`` (e.g. a hash of the tokens), two conversations with the same content are
     never paired: identical texts with different rewards carry no preference, only a zero gradient.
-    Pairs are ordered by first appearance of the prompt.
+    Pairs are ordered by first appearance of the group.
 
     Example:
         >>> dpo_pairs(np.array([1.0, 0.0, 0.5, 0.2]), ["a", "a", "b", "b"]).tolist()
@@ -122,12 +160,12 @@ def dpo_pairs(rewards: np.ndarray, prompt_keys: list[str], mode: str = "disjoint
         >>> dpo_pairs(np.array([1.0, 0.0, 0.5]), ["a", "a", "a"], content_keys=["x", "x", "y"]).tolist()
         [[0, 2]]
     """
-    groups: dict[str, list[int]] = {}
-    for i, k in enumerate(prompt_keys):
-        groups.setdefault(k, []).append(i)
+    members_of: dict[str, list[int]] = {}
+    for i, k in enumerate(groups):
+        members_of.setdefault(k, []).append(i)
     same = (lambda a, b: content_keys[a] == content_keys[b]) if content_keys is not None else (lambda a, b: False)
     out = []
-    for members in groups.values():
+    for members in members_of.values():
         if len(members) < 2:
             continue
         order = [members[j] for j in np.argsort(-rewards[members], kind="stable")]

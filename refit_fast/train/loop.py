@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from refit_fast.ops import standardize_rewards
 from refit_fast.packing import to_torch
 from refit_fast.train import checkpoint as ckpt
 from refit_fast.train.config import ConfigError, TrainConfig, load_config
@@ -27,14 +28,16 @@ from refit_fast.train.data import (
     Schedule,
     TrainData,
     assign_rows,
+    best_per_group,
     dpo_pairs,
     filter_top,
+    group_index,
     make_units,
     materialize_rows,
 )
 from refit_fast.train.distributed import all_reduce_sum, barrier, setup_distributed, unwrap, wrap_model
 from refit_fast.train.metrics import MetricsLogger, peak_memory_mb
-from refit_fast.train.objectives import PackedCausalLM, micro_batch_loss, sequence_logps, step_stats
+from refit_fast.train.objectives import PackedCausalLM, micro_batch_loss, sequence_logps, step_stats, swift_weights
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
@@ -116,11 +119,16 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     data = TrainData.from_tokenized(convs)
     if cfg.algorithm == "filtered_sft":
         data = data.subset(filter_top(data.rewards, cfg.objective.filter_top_fraction, cfg.objective.filter_min_reward))
+    if cfg.algorithm == "star_gate":
+        data = data.subset(best_per_group(data.rewards, data.groups))
     pairs = None
     if cfg.algorithm == "dpo":
-        pairs = dpo_pairs(data.rewards, data.prompt_keys, cfg.objective.dpo_pairs, data.content_keys())
+        pairs = dpo_pairs(data.rewards, data.groups, cfg.objective.dpo_pairs, data.content_keys())
     if pairs is not None and len(pairs) == 0:
-        raise ValueError("dpo: no pair of different conversations with the same prompt and different rewards in the data")
+        raise ValueError("dpo: no pair of different conversations in the same group (prompt or group field) "
+                         "with different rewards in the data")
+    # Swift's per-conversation weights, fixed for the whole run (None: swift_stats=step, or not Swift)
+    weights, weights_summary = _swift_setup(cfg, data)
     rows_per_step = env.world_size * cfg.batch.grad_accum
     schedule = Schedule(data, *make_units(data, pairs), max_tokens=cfg.batch.max_tokens, rows_per_step=rows_per_step,
                         seed=cfg.seed, strategy=cfg.batch.strategy, steps=cfg.steps, epochs=cfg.epochs)
@@ -130,7 +138,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     n_units = len(schedule.unit_lengths)
     summary = (f"{cfg.algorithm}: {n_units - schedule.dropped_units} {unit} "
                f"({schedule.dropped_units} over max_tokens dropped), {schedule.total_steps} steps of "
-               f"{env.world_size}x{cfg.batch.grad_accum} rows x {cfg.batch.max_tokens} tokens")
+               f"{env.world_size}x{cfg.batch.grad_accum} rows x {cfg.batch.max_tokens} tokens" + weights_summary)
 
     # ---- model ----
     model = _build_model(cfg, tokenizer, device)
@@ -181,8 +189,11 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     params = [p for p in lm.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     world = env.world_size
-    rewards_all = torch.as_tensor(data.rewards, dtype=torch.float32)
+    # what the loss kernel weights each conversation by: the rewards, or Swift's precomputed weights
+    rewards_all = torch.as_tensor(data.rewards if weights is None else weights, dtype=torch.float32)
+    weights_all = torch.from_numpy(weights) if weights is not None else None
     ref_all = torch.as_tensor(ref, dtype=torch.float32) if ref is not None else None
+    swift = cfg.algorithm == "swift"
 
     # ---- the loop ----
     try:
@@ -195,7 +206,13 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             mine = assign_rows(sb.loads, world)[env.rank]
             n_micro = math.ceil(len(sb.rows) / world)  # the same on every rank; short ranks run an empty row
             packed = materialize_rows(data, [sb.items[k] for k in mine], cfg.batch.max_tokens)
+            # Swift's loss split by the sign of the weights, on logging steps only (see micro_batch_loss)
+            parts_step = swift and cfg.log.every > 0 and ((step + 1) % cfg.log.every == 0 or step + 1 == schedule.total_steps)
+            step_w = (_step_weights(cfg, data.rewards[conv], stats) if weights_all is None
+                      else weights_all[torch.from_numpy(conv)]) if parts_step else None
+            step_pos = np.concatenate([[0], np.cumsum([len(x) for x in sb.items])])  # row k's slice of conv
             loss_sum = torch.zeros((), device=device)
+            parts_sum = torch.zeros(2, dtype=torch.float64, device=device)
             dpo_z = []
             for i in range(n_micro):
                 with no_sync(i < n_micro - 1):
@@ -203,24 +220,28 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
                         if i < len(mine):
                             row, k = _row_tensors(packed[i], device), mine[i]
                             items = torch.from_numpy(sb.items[k])
-                            loss_mb, z = micro_batch_loss(
+                            loss_mb, extras = micro_batch_loss(
                                 wrapped, row, cfg.algorithm, stats,
                                 rewards_local=rewards_all[items].to(device),
-                                swift_eps=cfg.objective.swift_eps,
+                                swift_eps=cfg.objective.swift_eps, swift_stats=cfg.objective.swift_stats,
+                                parts_weights=step_w[step_pos[k]:step_pos[k + 1]] if step_w is not None else None,
                                 ref_logps=ref_all[torch.from_numpy(sb.rows[k])].reshape(-1).to(device) if ref_all is not None else None,
                                 dpo_beta=cfg.objective.dpo_beta,
                             )
-                            if z is not None:
-                                dpo_z.append(z)
+                            if extras is not None and "dpo_z" in extras:
+                                dpo_z.append(extras["dpo_z"])
+                            if extras is not None and "parts" in extras:
+                                parts_sum += extras["parts"]
                         else:
                             loss_mb = _empty_row_loss(wrapped, device)
                     # DDP/FSDP average gradients over ranks; x world turns the average into the sum.
                     (loss_mb * world if world > 1 else loss_mb).backward()
                 loss_sum += loss_mb.detach().float()
 
-            # One all-reduce per step for everything logged (loss and DPO counts).
+            # One all-reduce per step for everything logged (loss, Swift's parts, DPO counts).
             z = torch.cat(dpo_z) if dpo_z else torch.zeros(0, device=device)
-            totals = all_reduce_sum(torch.stack([loss_sum, (z > 0).sum().float(), z.sum().float()]), env)
+            totals = all_reduce_sum(torch.cat([torch.stack([loss_sum.double(), (z > 0).sum().double(), z.sum().double()]),
+                                               parts_sum]), env)
             loss = float(totals[0])
             if not math.isfinite(loss):
                 raise NonFiniteLossError(step + 1, "the loss", loss, result.last_checkpoint)
@@ -243,10 +264,12 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
                 "conversations": int(len(conv)), "packing_efficiency": tokens / (len(sb.rows) * cfg.batch.max_tokens),
                 "reward_mean": stats.reward_mean, "reward_std": stats.reward_std,
                 "reward_min": stats.reward_min, "reward_max": stats.reward_max,
-                **_weight_stats(cfg, stats),
+                **_weight_stats(cfg, stats, weights[conv] if weights is not None else None),
                 "step_time": dt, "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                 "elapsed": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb(device),
             }
+            if parts_step:
+                m["loss_pos"], m["loss_neg"] = float(totals[3]), float(totals[4])
             if pairs is not None:
                 m["pairs"] = stats.n_units
                 m["dpo_accuracy"] = float(totals[1]) / max(stats.n_units, 1)
@@ -311,7 +334,8 @@ def _load_data(cfg: TrainConfig):
     from refit_fast.data import TokenizedConversation, load_conversations, tokenize_conversations
 
     d = cfg.data
-    convs, report = load_conversations(d.path, messages_key=d.messages_key, reward_key=d.reward_key, id_key=d.id_key)
+    convs, report = load_conversations(d.path, messages_key=d.messages_key, reward_key=d.reward_key, id_key=d.id_key,
+                                       group_key=d.group_key)
     if not convs:
         raise ValueError(f"no usable conversation in {d.path!r}:\n{report.summary()}")
     pretokenized = all(c.is_tokenized for c in convs)
@@ -323,7 +347,7 @@ def _load_data(cfg: TrainConfig):
         for c in convs:
             mask = c.loss_mask.copy()
             mask[0] = 0  # position 0 has no preceding token to predict it from
-            out.append(TokenizedConversation(c.id, c.input_ids, mask, c.reward, c.prompt_key))
+            out.append(TokenizedConversation(c.id, c.input_ids, mask, c.reward, c.prompt_key, c.group))
         return out, None, report.summary()
     out, report = tokenize_conversations(convs, tokenizer, progress=False, report=report)
     if not out:
@@ -473,13 +497,62 @@ def _grad_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
-def _weight_stats(cfg: TrainConfig, stats) -> dict:
-    """Statistics of the per-conversation weights the objective applied in this step."""
-    if cfg.algorithm in ("sft", "filtered_sft", "dpo"):
+def _swift_setup(cfg: TrainConfig, data: TrainData) -> tuple[np.ndarray | None, str]:
+    """Swift's per-conversation weights for swift_stats=group / dataset, computed once over the whole
+    data set (every conversation loaded, also those later dropped as longer than batch.max_tokens, so
+    the weights never depend on the token budget), and the summary text; ``(None, "")`` otherwise.
+
+    Raises ConfigError when every weight is 0 (no group holds two different rewards)."""
+    mode = cfg.objective.swift_stats
+    if cfg.algorithm != "swift" or mode == "step":
+        return None, ""
+    g = group_index(data.groups) if mode == "group" else None
+    w = swift_weights(data.rewards, g, cfg.objective.swift_eps)
+    n, zero = len(w), int((w == 0).sum())
+    if mode == "dataset":
+        if zero == n:
+            raise ConfigError(f"objective.swift_stats: all {n} rewards are equal, so every Swift weight is 0 "
+                              "and there is nothing to learn; use algorithm=sft or refit")
+        return w, f"; swift weights from the data set's mean and std: {zero} of {n} conversations have weight 0"
+    size = np.bincount(g)
+    lo = np.full(len(size), np.inf)
+    hi = np.full(len(size), -np.inf)
+    np.minimum.at(lo, g, data.rewards)
+    np.maximum.at(hi, g, data.rewards)
+    singleton = int((size[g] == 1).sum())
+    equal = int(((size[g] > 1) & (lo[g] == hi[g])).sum())
+    by = "prompt" if all(k.startswith("p:") for k in data.groups) else f"{cfg.data.group_key!r} field or prompt"
+    if zero == n:
+        raise ConfigError(
+            f"objective.swift_stats=group: no group (by {by}) holds two different rewards ({n} conversations in "
+            f"{len(size)} groups: {singleton} alone in their group, {equal} in groups whose rewards are all equal), "
+            "so every Swift weight is 0. Log several conversations per prompt, give rows a group field "
+            f"(data.group_key={cfg.data.group_key!r}) that joins the conversations of one context, or use "
+            "objective.swift_stats=step or dataset")
+    return w, (f"; swift weights from {len(size)} groups (by {by}): {zero} of {n} conversations have weight 0 "
+               f"({singleton} alone in their group, {equal} in groups whose rewards are all equal)")
+
+
+def _step_weights(cfg: TrainConfig, rewards: np.ndarray, stats) -> torch.Tensor:
+    """Swift's weights of one step's conversations with swift_stats=step (for the logged loss parts
+    only; the gradient's weights are computed in the loss kernel from the same statistics)."""
+    mean_std = (torch.tensor(stats.reward_mean, dtype=torch.float64), torch.tensor(stats.reward_std, dtype=torch.float64))
+    return standardize_rewards(torch.as_tensor(rewards, dtype=torch.float64), eps=cfg.objective.swift_eps,
+                               stats=mean_std).to(torch.float64)
+
+
+def _weight_stats(cfg: TrainConfig, stats, step_weights: np.ndarray | None = None) -> dict:
+    """Statistics of the per-conversation weights the objective applied in this step
+    (``step_weights``: Swift's precomputed weights of the step's conversations, if any)."""
+    if cfg.algorithm in ("sft", "filtered_sft", "star_gate", "dpo"):
         return {"weight_mean": 1.0, "weight_std": 0.0, "weight_min": 1.0, "weight_max": 1.0}
     if cfg.algorithm == "refit":
         return {"weight_mean": stats.reward_mean, "weight_std": stats.reward_std,
                 "weight_min": stats.reward_min, "weight_max": stats.reward_max}
+    if step_weights is not None:
+        w = step_weights
+        return {"weight_mean": float(w.mean()), "weight_std": float(w.std()), "weight_min": float(w.min()),
+                "weight_max": float(w.max()), "zero_weight": int((w == 0).sum())}
     d = stats.reward_std + cfg.objective.swift_eps
     return {"weight_mean": 0.0, "weight_std": stats.reward_std / d if d > 0 else 0.0,
             "weight_min": (stats.reward_min - stats.reward_mean) / d if d > 0 else 0.0,
