@@ -1,5 +1,7 @@
 """Two gloo processes on CPU give the same losses and the same updated parameters as one process on the
-same step batches (DDP by default, FSDP2 as an option), for Refit and Swift.
+same step batches (DDP by default, FSDP2 as an option), for Refit and Swift (its default group
+statistics, which are fixed per conversation, and the step statistics, which every rank computes from
+the step plan), including Swift's loss_pos / loss_neg all-reduced over ranks.
 
 The step batch is ``world_size x grad_accum`` rows: 2 ranks x grad_accum 2 here against 1 process x
 grad_accum 4, over two steps, the second of which has an odd number of rows (one rank then runs an
@@ -22,12 +24,13 @@ from test_train import MODEL, write_data  # noqa: E402
 from refit_fast.model import load_model  # noqa: E402
 from refit_fast.train import TrainConfig, train  # noqa: E402
 
-CASES = [("refit", "ddp"), ("swift", "ddp"), ("swift", "fsdp")]
+CASES = [("refit", "ddp", None), ("swift", "ddp", "step"), ("swift", "ddp", "group"), ("swift", "fsdp", "group")]
 
 
-def _config(tmp, data, algorithm, mode, out, grad_accum):
+def _config(tmp, data, algorithm, mode, out, grad_accum, swift_stats="group"):
     return {
         "algorithm": algorithm,
+        "objective": {"swift_stats": swift_stats or "group"},
         "distributed": mode,
         "output_dir": out,
         "data": {"path": data},
@@ -54,12 +57,12 @@ def _worker(rank, world, port, tmp, data, cases):
     import torch.distributed as dist
 
     try:
-        for algorithm, mode in cases:
-            out = os.path.join(tmp, f"dist-{algorithm}-{mode}")
-            res = train(TrainConfig.from_dict(_config(tmp, data, algorithm, mode, out, grad_accum=2)))
+        for algorithm, mode, stats in cases:
+            out = os.path.join(tmp, f"dist-{algorithm}-{mode}-{stats}")
+            res = train(TrainConfig.from_dict(_config(tmp, data, algorithm, mode, out, grad_accum=2, swift_stats=stats)))
             if rank == 0:
                 with open(os.path.join(out, "losses.json"), "w") as f:
-                    json.dump({"losses": res.losses, "rows": [m["rows"] for m in res.metrics]}, f)
+                    json.dump({"losses": res.losses, "metrics": res.metrics}, f)
         # FSDP2 checkpoints (full state dicts gathered on rank 0) resume bit for bit: 4 steps vs 2 + 2
         adamw = {"optim": {"name": "adamw", "lr": 1e-2, "warmup_steps": 1}, "steps": 4}
         straight = train(TrainConfig.from_dict({**_config(tmp, data, "swift", "fsdp", f"{tmp}/fa", 1), **adamw}))
@@ -88,14 +91,20 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     data = write_data(tmp_path / "d.jsonl", n=19)
     tmp = str(tmp_path)
     mp.spawn(_worker, args=(2, _free_port(), tmp, data, CASES), nprocs=2, join=True)
-    for algorithm, mode in CASES:
-        one = train(TrainConfig.from_dict(_config(tmp, data, algorithm, "ddp", f"{tmp}/one-{algorithm}-{mode}", grad_accum=4)))
-        with open(f"{tmp}/dist-{algorithm}-{mode}/losses.json") as f:
+    for algorithm, mode, stats in CASES:
+        name = f"{algorithm}-{mode}-{stats}"
+        one = train(TrainConfig.from_dict(_config(tmp, data, algorithm, "ddp", f"{tmp}/one-{name}", grad_accum=4,
+                                                  swift_stats=stats)))
+        with open(f"{tmp}/dist-{name}/losses.json") as f:
             dist_res = json.load(f)
         rows = [m["rows"] for m in one.metrics]
-        assert rows == dist_res["rows"] and rows[1] % 2 == 1, rows  # step 2 has an odd row count
-        assert dist_res["losses"] == pytest.approx(one.losses, rel=1e-5, abs=1e-6), (algorithm, mode)
-        _assert_same_model(f"{tmp}/dist-{algorithm}-{mode}/final", one.final_model_path)
+        assert rows == [m["rows"] for m in dist_res["metrics"]] and rows[1] % 2 == 1, rows  # step 2: odd row count
+        assert dist_res["losses"] == pytest.approx(one.losses, rel=1e-5, abs=1e-6), name
+        for key in ("loss_pos", "loss_neg", "zero_weight", "weight_mean", "weight_std"):  # the last step logs the parts
+            if key in one.metrics[-1]:
+                assert dist_res["metrics"][-1][key] == pytest.approx(one.metrics[-1][key], rel=1e-5, abs=1e-6), (name, key)
+        assert ("loss_pos" in one.metrics[-1]) == (algorithm == "swift")
+        _assert_same_model(f"{tmp}/dist-{name}/final", one.final_model_path)
     with open(f"{tmp}/fsdp_resume.json") as f:
         r = json.load(f)
     assert len(r["straight"]) == 4 and r["resumed"] == r["straight"]
