@@ -8,66 +8,105 @@ import torch
 
 from refit_fast.data import build_word_tokenizer
 from refit_fast.envs import corpus, evaluate, rollout
-from refit_fast.envs.demo import COLUMNS, METHODS, PRESETS, Preset, main, run_demo
+from refit_fast.envs.demo import METHODS, POLICIES, PRESETS, RESULT_KEYS, Preset, main, run_demo
 from refit_fast.envs.model_policy import ModelPolicy
 
-ALL = ("logged",) + METHODS
+COLUMNS = ("mean_reward", "stderr", "accuracy", "accuracy_stderr", "questions_per_episode", "well_formed")
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 
 
-TINY = Preset(episodes=40, per_episode=2, hidden=32, layers=1, heads=2, max_tokens=512, grad_accum=1,
-              sft_steps=3, sft_warmup=1, method_steps=2, eval_episodes=12)
+TINY = Preset(scripted=60, hidden=32, layers=1, heads=2, max_tokens=512, grad_accum=1, base_steps=3,
+              base_warmup=1, tasks=20, method_steps=2, eval_episodes=12, filter_min_reward=0.1)
 
 
-def test_demo_smoke_writes_every_result(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
     lines = []
-    results = run_demo(str(tmp_path), preset=TINY, seed=3, progress=False, log=lines.append)
+    results = run_demo(str(out), preset=TINY, seed=3, progress=False, log=lines.append)
+    return out, results, lines
 
-    assert list(results) == list(ALL) == ["logged", "sft", "filtered_sft", "dpo", "refit", "swift"]
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved) == list(ALL)
-    for method, scores in saved.items():
-        for key in ("mean_reward", "stderr", "accuracy", "questions"):
-            assert isinstance(scores[key], float), (method, key)
+
+def test_demo_smoke_writes_every_result(tiny_run):
+    out, results, lines = tiny_run
+    assert list(results) == list(POLICIES) == ["base", "star_gate", "dpo", "refit", "swift", "filtered_sft"]
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved) == list(POLICIES)
+    for policy, scores in saved.items():
+        assert set(scores) == set(RESULT_KEYS) == {"mean_reward", "stderr", "accuracy", "accuracy_stderr",
+                                                   "questions_per_episode"}
+        assert all(isinstance(v, float) for v in scores.values()), policy
         assert 0.0 <= scores["mean_reward"] <= 1.0 and scores["stderr"] >= 0.0
-        assert scores["n"] == TINY.eval_episodes
-        assert scores == {k: results[method][k] for k in scores}
-    table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| ") == len(ALL) + 1  # header + one row per method
-    for method in ALL:
-        assert f"| {method} |" in table
-    assert (tmp_path / "results.png").stat().st_size > 1000
-    info = json.loads((tmp_path / "run_info.json").read_text())
+        assert 0.0 <= scores["accuracy"] <= 1.0 and scores["accuracy_stderr"] >= 0.0
+        assert scores == {k: results[policy][k] for k in scores}
+        assert results[policy]["n"] == TINY.eval_episodes
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ") == len(POLICIES) + 1  # header + one row per policy
+    for policy in POLICIES:
+        assert f"| {policy} |" in table
+    assert (out / "results.png").stat().st_size > 1000
+    info = json.loads((out / "run_info.json").read_text())
     assert info["seed"] == 3 and info["eval_seed"] == 0 and info["preset"]["method_steps"] == 2
-    assert [len(info["losses"][m]) for m in METHODS] == [3, 2, 2, 2, 2]
-    for method in METHODS:  # every method trained its own model, from SFT's
-        assert os.path.isdir(tmp_path / "runs" / method / "final")
-        cfg = (tmp_path / "runs" / method / "config.yaml").read_text()
-        assert f"algorithm: {method}" in cfg
-        assert ("init_from: null" in cfg) == (method == "sft")
-    assert any("trained swift" in line for line in lines) and any("evaluated dpo" in line for line in lines)
-    # the logged policy is scored on the same held-out episodes as the models
-    assert results["logged"]["n"] == results["swift"]["n"]
+    assert [len(info["losses"][m]) for m in POLICIES] == [3, 2, 2, 2, 2, 2]
+    assert set(info["logged"]) == {"0.7", "1", "1.3", "all"}
+    base_cfg = (out / "runs" / "base" / "config.yaml").read_text()
+    assert "algorithm: sft" in base_cfg and "scripted.jsonl" in base_cfg
+    for method in METHODS:  # every method trained its own model, from the base, on the logged data
+        assert os.path.isdir(out / "runs" / method / "final")
+        cfg = (out / "runs" / method / "config.yaml").read_text()
+        assert f"algorithm: {method}" in cfg and "logged.jsonl" in cfg
+        assert os.path.join("runs", "base", "final") in cfg
+    assert any("star_gate" in line and "trained and scored" in line for line in lines)
+
+
+def test_demo_logs_three_plays_per_task_at_three_temperatures(tiny_run):
+    out, _, _ = tiny_run
+    records = [json.loads(line) for line in (out / "logged.jsonl").read_text().splitlines()]
+    assert len(records) == TINY.tasks * len(TINY.temperatures)
+    groups = {}
+    for r in records:
+        groups.setdefault(r["group"], []).append(r)
+        assert 0.0 <= r["reward"] <= 1.0
+    assert len(groups) == TINY.tasks
+    for members in groups.values():  # the same task (same opening messages), once per temperature
+        assert sorted(r["temperature"] for r in members) == sorted(TINY.temperatures)
+        assert len({json.dumps(r["messages"][:2]) for r in members}) == 1
+    # the scripted data of the base never shares a task with the logged data
+    scripted = [json.loads(line) for line in (out / "scripted.jsonl").read_text().splitlines()]
+    assert len(scripted) == TINY.scripted
+    assert not {r["id"] for r in scripted} & set(groups)
+
+
+def test_demo_results_do_not_depend_on_jobs(tiny_run, tmp_path):
+    """Workers train on one thread each, like the main process: the same numbers with 2 jobs."""
+    out, results, _ = tiny_run
+    again = run_demo(str(tmp_path), preset=TINY, seed=3, progress=False, log=None, jobs=2)
+    assert again == results
+    assert (tmp_path / "logged.jsonl").read_text() == (out / "logged.jsonl").read_text()
 
 
 def test_demo_presets_give_every_method_the_same_budget():
     for name, p in PRESETS.items():
-        assert set(dict(p.lrs)) == set(METHODS[1:]), name
-        assert all(p.lr(m) > 0 for m in METHODS), name
+        assert set(dict(p.lrs)) == set(METHODS), name
+        assert all(p.lr(m) > 0 for m in POLICIES), name
         assert p.eval_episodes >= 500, name
-    # quick: less logged data and a smaller evaluation, the same tuned hyper-parameters
-    assert PRESETS["quick"].episodes < PRESETS["default"].episodes
+        assert len(p.temperatures) == 3, name  # m = 3 plays per task, as in the paper
+    # quick: less data and a smaller evaluation, the same tuned hyper-parameters
+    assert PRESETS["quick"].tasks < PRESETS["default"].tasks
     assert PRESETS["quick"].eval_episodes <= PRESETS["default"].eval_episodes
     assert PRESETS["quick"].lrs == PRESETS["default"].lrs
-    assert PRESETS["cuda"].hidden > PRESETS["default"].hidden and PRESETS["cuda"].episodes > PRESETS["default"].episodes
+    assert PRESETS["cuda"].hidden > PRESETS["default"].hidden and PRESETS["cuda"].tasks > PRESETS["default"].tasks
 
 
-def test_demo_cli_refuses_small_evaluations(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--eval-episodes", "100", "--device", "cpu"])
-    assert "--eval-episodes must be >= 500" in capsys.readouterr().err
+def test_demo_cli_refuses_bad_options(tmp_path, capsys):
+    for argv, message in ((["--eval-episodes", "100"], "--eval-episodes must be >= 500"),
+                          (["--jobs", "0"], "--jobs must be >= 1"),
+                          (["--device", "tpu"], "--device must be cpu, cuda or auto")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path)] + argv)
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
 
 
@@ -159,4 +198,4 @@ def test_model_policy_plays_the_environment(tokenizer):
     scores = evaluate(policy, n_episodes=6, seed=5, batched=True, progress=False)
     assert scores["n"] == 6 and set(COLUMNS) <= set(scores)
     messages, reward, infos = rollout(policy, episode_seed=1)
-    assert reward in (0.0, 1.0) and messages[-1]["role"] in ("assistant", "user") and infos
+    assert 0.0 <= reward <= 1.0 and messages[-1]["role"] in ("assistant", "user") and infos

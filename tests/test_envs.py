@@ -528,3 +528,25 @@ def test_config_validation():
             ClarifyConfig(**bad)
     with pytest.raises(ValueError):
         ClarifyEnv(ClarifyConfig(), max_turns=2)
+
+
+def test_collect_batched_equals_one_at_a_time():
+    """A batched policy advances every episode one turn per call; the records are the same."""
+    from refit_fast.envs import AnswerAtOncePolicy, play
+
+    policy = BehaviorPolicy(seed=4)
+    calls = []
+
+    def batched(conversations):
+        calls.append(len(conversations))
+        return [policy(c) for c in conversations]
+
+    assert collect(40, seed=2, policy=batched, batched=True) == collect(40, seed=2, policy=policy)
+    assert calls[0] == 40 and len(calls) <= ClarifyConfig().max_turns and calls == sorted(calls, reverse=True)
+    with pytest.raises(ValueError, match="batched=True needs a batched policy"):
+        collect(3, batched=True)
+    played = play(AnswerAtOncePolicy(seed=1), [1, 3, 5])
+    assert [len(infos) for _, infos in played] == [1, 1, 1]
+    assert [env.episode.seed for env, _ in played] == [1, 3, 5]
+    with pytest.raises(ValueError, match="returned 1 texts for 2"):
+        play(lambda convs: ["x"], [1, 3], batched=True)

@@ -25,7 +25,7 @@ from refit_fast.envs.clarify import (
     vocabulary,
 )
 from refit_fast.envs.collect import collect, read_jsonl, summarize, write_jsonl
-from refit_fast.envs.evaluate import episode_seeds, evaluate, rollout
+from refit_fast.envs.evaluate import episode_seeds, evaluate, play, rollout
 from refit_fast.envs.policies import (
     OPTIMAL,
     AnswerAtOncePolicy,
@@ -38,6 +38,6 @@ from refit_fast.envs.policies import (
 __all__ = [
     "ATTRIBUTES", "KINDS", "ClarifyConfig", "ClarifyEnv", "Episode", "Turn", "corpus", "graded_reward",
     "make_episode", "normalize", "parse_turn", "vocabulary", "collect", "read_jsonl", "summarize", "write_jsonl",
-    "episode_seeds", "evaluate", "rollout", "OPTIMAL", "AnswerAtOncePolicy", "BehaviorPolicy",
+    "episode_seeds", "evaluate", "play", "rollout", "OPTIMAL", "AnswerAtOncePolicy", "BehaviorPolicy",
     "OptimalPolicy", "VisibleState", "read_state",
 ]

@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 
 from refit_fast.envs.clarify import REWARDS, SUCCESS_THRESHOLD, ClarifyConfig, ClarifyEnv, parse_turn
-from refit_fast.envs.evaluate import Policy, _progress_bar, episode_seeds
+from refit_fast.envs.evaluate import Policy, _progress_bar, episode_seeds, play
 from refit_fast.envs.policies import BehaviorPolicy, read_state
 
 
@@ -31,6 +31,7 @@ def collect(
     config: ClarifyConfig | None = None,
     progress: bool = False,
     per_episode: int = 1,
+    batched: bool = False,
 ) -> list[dict]:
     """Roll out `policy` (default `BehaviorPolicy(seed)`) on logged episodes; `n` JSONL-ready records.
 
@@ -38,6 +39,8 @@ def collect(
     arguments give the same records. With `per_episode=k` (default behaviour policy only) each episode
     is played k times by differently seeded behaviour policies, so conversations share prompts (what
     DPO pairs need). Ids are `clarify-<episode seed>`, or `clarify-<episode seed>-<j>` when k > 1.
+    With `batched=True`, `policy` is a batched one (a list of conversations in, a list of texts
+    out, e.g. a `ModelPolicy`) and all episodes advance together, one turn per call.
 
     Example:
         >>> collect(3, seed=1) == collect(3, seed=1)
@@ -51,10 +54,17 @@ def collect(
     if per_episode > 1 and policy is not None:
         raise ValueError("collect: per_episode > 1 replays episodes with differently seeded behaviour "
                          "policies; it cannot be combined with a given policy")
+    if batched and policy is None:
+        raise ValueError("collect: batched=True needs a batched policy (e.g. a ModelPolicy)")
     if policy is not None:
         policies = [policy]
     else:  # seeds of the replays: far apart from each other and from other runs' seeds
         policies = [BehaviorPolicy(seed=seed + 1_000_003 * j, config=config) for j in range(per_episode)]
+    if batched:
+        seeds = episode_seeds(n, seed, "collect")
+        return [{"id": f"clarify-{s}", "messages": [dict(m) for m in env.messages], "reward": float(env.reward)}
+                for s, (env, _) in zip(seeds, play(policy, seeds, config=config, batched=True,
+                                                   progress=progress, desc="collect"))]
     env = ClarifyEnv(config)
     records = []
     bar = _progress_bar(n, progress, "collect")

@@ -1,70 +1,79 @@
-"""`refit-fast demo`: the paper's comparison end to end, on built-in data, on a laptop CPU.
+"""`refit-fast demo`: the paper's experiment (arXiv 2506.06964) end to end, on built-in data, on a laptop CPU.
 
-1. log conversations of a mediocre behaviour policy in the clarifying-QA environment;
-2. build a word-level tokenizer and a small Llama-style model from scratch (nothing downloaded);
-3. train SFT on all logged data (behaviour cloning, and the common starting point);
-4. from the SFT model, with equal budgets: filtered SFT, DPO, Refit and Swift;
-5. score every policy, and the logged one, by greedy rollouts on held-out episodes.
+The protocol follows the paper's, scaled down to a model trained from scratch:
 
-Writes results.json, results.md, results.png and the logged data, models and metrics into --out.
+1. **base policy**: a small Llama-style model SFT-trained on scripted conversations of a competent but
+   hasty assistant (it names the item right whenever it was told, but guesses before asking more than
+   half the time). It stands in for the paper's pretrained instruct model;
+2. **logging**: the base plays every task m = 3 times, at three sampling temperatures, and each
+   conversation is scored by the environment's graded reward (a judge-like score in [0, 1]);
+3. **training**, every method from the base with the same budget: STaR-GATE (SFT on each task's most
+   rewarding conversation), DPO (each task's best vs worst conversation), Refit (reward-weighted SFT),
+   Swift (rewards standardized within each task's m conversations) and filtered SFT (the right
+   conversations);
+4. **scoring**: the base and every trained policy play held-out tasks greedily; mean graded reward
+   and exact-match accuracy, each with its standard error.
+
+Writes results.json, results.md, results.png, run_info.json, the scripted and logged data, and the
+models into --out. Training jobs run in parallel processes (``--jobs``, default: up to 2), each on one
+CPU thread, so the results do not depend on the number of jobs.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-METHODS = ("sft", "filtered_sft", "dpo", "refit", "swift")
-EVAL_SEED = 0  # the held-out evaluation episodes (odd episode seeds of stream "eval"); fixed for all runs
+# The paper's baselines and methods, in the order of its tables; "base" is the starting policy.
+METHODS = ("star_gate", "dpo", "refit", "swift", "filtered_sft")
+POLICIES = ("base",) + METHODS
+RESULT_KEYS = ("mean_reward", "stderr", "accuracy", "accuracy_stderr", "questions_per_episode")
+EVAL_SEED = 0  # the held-out evaluation episodes of the reported runs (odd episode seeds of stream "eval")
+SCRIPTED_SEED_OFFSET = 1_000_000  # the base's scripted data uses episode stream seed + this: never a task
 
 
 @dataclass(frozen=True)
 class Preset:
     """Sizes, budgets and hyper-parameters of a demo run.
 
-    The hyper-parameters were chosen on other runs than the reported ones: training seeds 100-102 and
-    evaluation episodes of seed 12345 (``--eval-seed``), never seeds 0-2 with evaluation seed 0.
-    Every method after SFT gets the same number of steps and the same batches; each had its learning
-    rate picked from a small grid (docs/demo-tuning.md has the grid). One optimizer step =
-    ``grad_accum`` packed rows of ``max_tokens`` tokens (~64 conversations), with first-fit-shuffle
-    packing so that a step mixes conversations of every length (best-fit-decreasing fills a row with
-    conversations of similar length, and here length is behaviour: a step of only premature guesses,
-    then one of only long dialogues). Embeddings are untied: with tied embeddings Swift's negative
-    weights also move the input embeddings of the answer words, and it collapsed more often in tuning.
+    Hyper-parameters were chosen on runs that are never reported: training seeds 100-102 and the
+    evaluation episodes of seed 12345 (``--eval-seed``); docs/demo-tuning.md has the grid. One
+    optimizer step = ``grad_accum`` packed rows of ``max_tokens`` tokens (~64 conversations), packed
+    first-fit over shuffled conversations so that a step mixes conversations of every length.
     """
 
-    episodes: int = 1500          # logged episodes ...
-    per_episode: int = 2          # ... each played this many times (DPO needs shared prompts)
+    scripted: int = 3000          # scripted conversations the base is SFT-trained on
     hidden: int = 128
     layers: int = 2
     heads: int = 4
     tie_embeddings: bool = False
     max_tokens: int = 1024        # token budget of one packed row (= one micro-batch)
     grad_accum: int = 4           # rows per optimizer step
-    strategy: str = "ffs"         # packing: ffs mixes lengths within a row (see above)
-    sft_steps: int = 250
-    sft_lr: float = 3e-3
-    sft_warmup: int = 20
-    method_steps: int = 100       # the same budget for every method after SFT (longer runs hurt Swift and DPO)
-    lrs: tuple = (("filtered_sft", 3e-3), ("dpo", 3e-5), ("refit", 6e-3), ("swift", 1e-3))
+    strategy: str = "ffs"
+    base_steps: int = 250
+    base_lr: float = 3e-3
+    base_warmup: int = 20
+    tasks: int = 1000             # logged tasks ...
+    temperatures: tuple = (0.7, 1.0, 1.3)  # ... each played once at each temperature (m = 3)
+    method_steps: int = 100       # the same budget for every method
+    lrs: tuple = (("star_gate", 3e-3), ("dpo", 3e-5), ("refit", 3e-3), ("swift", 1e-3), ("filtered_sft", 3e-3))
     min_lr_ratio: float = 0.1     # cosine decay to lr * this
     dpo_beta: float = 0.1
+    filter_min_reward: float = 0.5  # filtered SFT keeps the right conversations (graded: right >= 0.6 > wrong)
     eval_episodes: int = 1000
 
     def lr(self, method: str) -> float:
-        return self.sft_lr if method == "sft" else dict(self.lrs)[method]
+        return self.base_lr if method == "base" else dict(self.lrs)[method]
 
 
 PRESETS = {
     "default": Preset(),
-    "quick": Preset(episodes=1000, sft_steps=200, method_steps=80, eval_episodes=500),
-    "cuda": Preset(episodes=10000, hidden=256, layers=4, heads=8, max_tokens=4096, grad_accum=2, sft_steps=600,
-                   method_steps=300, eval_episodes=2000),
+    "quick": Preset(scripted=2000, base_steps=200, tasks=600, method_steps=80, eval_episodes=500),
+    "cuda": Preset(scripted=10000, hidden=256, layers=4, heads=8, max_tokens=4096, grad_accum=2, base_steps=600,
+                   tasks=3000, method_steps=300, eval_episodes=2000),
 }
 
 
@@ -75,119 +84,193 @@ def model_config(preset: Preset, vocab_size: int) -> dict:
                 max_position_embeddings=256, tie_word_embeddings=preset.tie_embeddings)
 
 
-def _train_config(preset: Preset, algorithm: str, out: str, data: str, seed: int, device: str, **extra) -> dict:
-    sft = algorithm == "sft"
+def train_config(preset: Preset, method: str, out: str, seed: int, device: str, **extra) -> dict:
+    """The trainer config of one policy: ``base`` (SFT on the scripted data) or a method from the base."""
+    base = method == "base"
     cfg = {
-        "algorithm": algorithm,
-        "output_dir": os.path.join(out, "runs", algorithm),
+        "algorithm": "sft" if base else method,
+        "output_dir": os.path.join(out, "runs", method),
         "overwrite": True,
         "seed": seed,
         "device": device,
-        "steps": preset.sft_steps if sft else preset.method_steps,
-        "data": {"path": data},
+        "cpu_threads": 1,  # the same numbers in a worker process and in the main one
+        "steps": preset.base_steps if base else preset.method_steps,
+        "data": {"path": os.path.join(out, "scripted.jsonl" if base else "logged.jsonl")},
+        "tokenizer": {"path": os.path.join(out, "tokenizer")},
         "batch": {"max_tokens": preset.max_tokens, "grad_accum": preset.grad_accum, "strategy": preset.strategy},
-        "optim": {"lr": preset.lr(algorithm), "warmup_steps": preset.sft_warmup if sft else 0,
+        "optim": {"lr": preset.lr(method), "warmup_steps": preset.base_warmup if base else 0,
                   "min_lr_ratio": preset.min_lr_ratio, "weight_decay": 0.0, "grad_clip": 1.0},
-        "objective": {"filter_min_reward": 0.5, "dpo_beta": preset.dpo_beta},
+        "objective": {"filter_min_reward": preset.filter_min_reward, "dpo_beta": preset.dpo_beta},
         "checkpoint": {"every": 0, "save_final": True},
         "log": {"every": 0, "progress": "false", "quiet": True},
     }
-    for key, value in extra.items():
-        cfg[key] = value
+    cfg.update(extra)
     return cfg
 
 
-def run_demo(out: str, *, preset: Preset, seed: int = 0, device: str = "cpu", temperature: float = 0.0,
+def base_behaviour(seed: int):
+    """The scripted assistant the base imitates: always names the item right once told (`p_correct=1`),
+    but answers before asking in 60% of first moves, asks a useless question in 10%, rambles in 5%."""
+    from refit_fast.envs.policies import BehaviorPolicy
+
+    return BehaviorPolicy(seed=seed, p_correct=1.0)
+
+
+def run_demo(out: str, *, preset: Preset, seed: int = 0, device: str = "cpu", jobs: int = 1,
              progress: bool = True, log=print, eval_seed: int = EVAL_SEED) -> dict:
-    """Run the whole comparison; returns {method: scores} and writes the result files into `out`.
+    """Run the whole protocol; returns ``{policy: scores}`` (policies: ``POLICIES``) and writes the
+    result files into ``out``.
 
     ``eval_seed`` picks the held-out evaluation episodes; the reported runs use ``EVAL_SEED`` (0), and
     hyper-parameters are tuned with another one so the reported episodes never guide a choice.
+    ``jobs`` > 1 trains the methods in that many worker processes (CPU only).
     """
     import torch
 
     from refit_fast.data import build_word_tokenizer
-    from refit_fast.envs import BehaviorPolicy, collect, corpus, evaluate, summarize, write_jsonl
+    from refit_fast.envs import collect, corpus, summarize, write_jsonl
     from refit_fast.envs.model_policy import ModelPolicy
     from refit_fast.train import train
-    from refit_fast.train.checkpoint import quiet_transformers
 
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
-    # One bar over the whole run, in units of work: optimizer steps, plus EVAL_UNITS per evaluation
-    # and per data collection (each takes about as long as that many steps).
-    total = preset.sft_steps + (len(METHODS) - 1) * preset.method_steps + EVAL_UNITS * (len(METHODS) + 2)
+    # One bar over the whole run, in units of work: optimizer steps, plus UNITS per evaluation or
+    # logging pass (each takes about as long as that many steps).
+    total = (preset.base_steps + len(METHODS) * preset.method_steps
+             + UNITS * (len(POLICIES) + len(preset.temperatures)))
     bar = _bar(total, progress, "demo")
-
-    def stage(text):
-        bar.set_description(f"demo: {text}")
-
-    def tick(metrics) -> bool:  # the trainer's per-step callback; False: do not stop
-        bar.update(1)
-        return False
-
-    # 1. logged data
-    stage("logging conversations")
-    n_logged = preset.episodes * preset.per_episode
-    records = collect(n_logged, seed=seed, per_episode=preset.per_episode, progress=False)
-    data_path = os.path.join(out, "logged.jsonl")
-    write_jsonl(records, data_path)
-    logged = summarize(records)
-    bar.update(EVAL_UNITS)
-    _log(bar, log, f"[demo] logged {logged['n']} conversations of the behaviour policy, "
-                   f"mean reward {logged['mean_reward']:.3f}")
-
-    # 2. tokenizer (the model is built from a config by the trainer)
-    tokenizer = build_word_tokenizer(corpus(2000, seed=seed))
-    tok_dir = os.path.join(out, "tokenizer")
-    tokenizer.save_pretrained(tok_dir)
-    mcfg = model_config(preset, len(tokenizer))
-
-    # 3-4. SFT, then every method from the SFT model with the same budget
-    runs = {}
-    for method in METHODS:
-        stage(f"training {method}")
-        model_part = ({"model": {"config": mcfg}} if method == "sft"
-                      else {"model": {"init_from": runs["sft"].final_model_path}})
-        cfg = _train_config(preset, method, out, data_path, seed, device, tokenizer={"path": tok_dir}, **model_part)
+    try:
+        # 1. the base policy: SFT on scripted conversations
+        bar.set_description("demo: training the base policy")
+        write_jsonl(collect(preset.scripted, seed=seed + SCRIPTED_SEED_OFFSET, policy=base_behaviour(seed)),
+                    os.path.join(out, "scripted.jsonl"))
+        tokenizer = build_word_tokenizer(corpus(2000, seed=seed))
+        tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
         t = time.perf_counter()
-        runs[method] = train(cfg, on_step=tick)
-        ls = runs[method].losses
-        _log(bar, log, f"[demo] trained {method:<12} {len(ls)} steps in {time.perf_counter() - t:5.1f} s, loss "
-                       f"{_mean(ls[:10]):.3f} -> {_mean(ls[-10:]):.3f} (mean of the first / last 10 steps)")
+        base_run = train(train_config(preset, "base", out, seed, device,
+                                      model={"config": model_config(preset, len(tokenizer))}),
+                         on_step=lambda metrics: _tick(bar.update, 1))
+        base_path = base_run.final_model_path
+        _log(bar, log, f"[demo] trained the base policy (SFT on {preset.scripted} scripted conversations, "
+                       f"{preset.base_steps} steps) in {time.perf_counter() - t:.0f} s")
 
-    # 5. evaluation on held-out episodes
-    from transformers import AutoModelForCausalLM
+        # 2. logging: m = len(temperatures) conversations per task, one at each temperature
+        base_model = _load(base_path, device)
+        records = []
+        for j, temperature in enumerate(preset.temperatures):
+            bar.set_description(f"demo: logging at temperature {temperature:g}")
+            policy = ModelPolicy(base_model, tokenizer, temperature=temperature, seed=seed * 1000 + j)
+            for r in collect(preset.tasks, seed=seed, policy=policy, batched=True):
+                records.append({"id": f"{r['id']}-t{j}", "group": r["id"], "messages": r["messages"],
+                                "reward": r["reward"], "temperature": temperature})
+            bar.update(UNITS)
+        records.sort(key=lambda r: r["id"])  # task by task, so a group's plays sit together in the file
+        write_jsonl(records, os.path.join(out, "logged.jsonl"))
+        logged = {f"{t:g}": summarize([r for r in records if r["temperature"] == t]) for t in preset.temperatures}
+        logged["all"] = summarize(records)
+        _log(bar, log, f"[demo] logged {len(records)} conversations ({preset.tasks} tasks x "
+                       f"{len(preset.temperatures)} temperatures), mean reward {logged['all']['mean_reward']:.3f}, "
+                       f"accuracy {logged['all']['accuracy']:.3f}")
 
-    results = {}
-    stage("evaluating logged")
-    results["logged"] = evaluate(BehaviorPolicy(seed=seed), n_episodes=preset.eval_episodes, seed=eval_seed,
-                                 progress=False)
-    bar.update(EVAL_UNITS)
-    for method in METHODS:
-        stage(f"evaluating {method}")
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(runs[method].final_model_path).to(device)
-        policy = ModelPolicy(model, tokenizer, temperature=temperature, seed=seed)
-        results[method] = evaluate(policy, n_episodes=preset.eval_episodes, seed=eval_seed, batched=True,
-                                   progress=False)
-        bar.update(EVAL_UNITS)
-        _log(bar, log, f"[demo] evaluated {method:<12} mean reward {results[method]['mean_reward']:.3f}")
-    bar.close()
-
-    info = {"seed": seed, "device": device, "temperature": temperature, "preset": asdict(preset),
-            "eval_seed": eval_seed, "seconds": round(time.perf_counter() - t0, 1),
-            "losses": {m: r.losses for m, r in runs.items()}}
+        # 3-4. every method from the base, then greedy rollouts on held-out tasks
+        results, losses = {}, {"base": base_run.losses}
+        bar.set_description("demo: training and scoring")
+        results["base"] = _score(base_model, tokenizer, preset, eval_seed)
+        bar.update(UNITS)
+        del base_model
+        methods = list(METHODS)
+        if not any(r["reward"] >= preset.filter_min_reward for r in records):  # possible only for tiny runs
+            methods.remove("filtered_sft")
+            _log(bar, log, f"[demo] filtered_sft skipped: no logged reward >= {preset.filter_min_reward}")
+        specs = [(m, train_config(preset, m, out, seed, device, model={"init_from": base_path})) for m in methods]
+        tok_dir = os.path.join(out, "tokenizer")
+        for method, res, ls, seconds in _run_jobs(specs, preset, tok_dir, eval_seed, device, jobs, bar):
+            results[method], losses[method] = res, ls
+            _log(bar, log, f"[demo] {method:<12} trained and scored in {seconds:5.1f} s: mean reward "
+                           f"{res['mean_reward']:.3f} +- {res['stderr']:.3f}, accuracy {res['accuracy']:.3f}")
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+    results = {p: results[p] for p in POLICIES if p in results}
+    info = {"seed": seed, "device": device, "jobs": jobs, "preset": asdict(preset), "eval_seed": eval_seed,
+            "seconds": round(time.perf_counter() - t0, 1), "logged": logged, "losses": losses,
+            "scores": results}
     write_results(out, results, info)
     return results
 
 
-EVAL_UNITS = 10
+UNITS = 10
 
 
-def _mean(xs) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
+def _tick(update, n: int) -> bool:
+    """Advance the progress bar; as the trainer's on_step callback, False means: do not stop."""
+    if update is not None:
+        update(n)
+    return False
+
+
+def _load(path: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    from refit_fast.train.checkpoint import quiet_transformers
+
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(path).to(device)
+
+
+def _score(model, tokenizer, preset: Preset, eval_seed: int) -> dict:
+    from refit_fast.envs import evaluate
+    from refit_fast.envs.model_policy import ModelPolicy
+
+    return evaluate(ModelPolicy(model, tokenizer), n_episodes=preset.eval_episodes, seed=eval_seed,
+                    batched=True, progress=False)
+
+
+def _train_and_score(method: str, cfg: dict, preset: Preset, tokenizer_dir: str, eval_seed: int, device: str,
+                     ticks=None):
+    """One job: train `method` from the base, then score it. Runs in a worker process or inline."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from refit_fast.train import train
+
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    run = train(cfg, on_step=lambda metrics: _tick(ticks, 1))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    res = _score(_load(run.final_model_path, device), tokenizer, preset, eval_seed)
+    _tick(ticks, UNITS)
+    return method, res, run.losses, time.perf_counter() - t
+
+
+def _run_jobs(specs, preset, tok_dir, eval_seed, device, jobs, bar):
+    """Yield (method, scores, losses, seconds) for every spec, in the order of `specs`."""
+    if jobs <= 1 or device != "cpu":
+        for method, cfg in specs:
+            yield _train_and_score(method, cfg, preset, tok_dir, eval_seed, device, ticks=bar.update)
+        return
+    import multiprocessing as mp
+    import queue
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=ctx) as pool:
+            futures = [pool.submit(_train_and_score, m, cfg, preset, tok_dir, eval_seed, device, q.put)
+                       for m, cfg in specs]
+            done = 0
+            while done < len(futures):
+                try:
+                    bar.update(q.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+                while done < len(futures) and futures[done].done():
+                    yield futures[done].result()  # re-raises a worker's exception here
+                    done += 1
 
 
 def _log(bar, log, text: str) -> None:
@@ -205,13 +288,11 @@ def _bar(total, enabled, desc):
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
 
-COLUMNS = ("mean_reward", "stderr", "accuracy", "questions", "well_formed", "canonical")
-
-
 def write_results(out: str, results: dict, info: dict) -> None:
-    """results.json ({method: {mean_reward, stderr, accuracy, questions, ...}}), results.md, results.png."""
+    """results.json ({policy: {mean_reward, stderr, accuracy, accuracy_stderr, questions_per_episode}}),
+    results.md, results.png, run_info.json (settings, logged-data statistics, losses, full scores)."""
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({m: {k: s[k] for k in COLUMNS + ("n",) if k in s} for m, s in results.items()}, f, indent=2)
+        json.dump({p: {k: float(s[k]) for k in RESULT_KEYS} for p, s in results.items()}, f, indent=2)
     with open(os.path.join(out, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -224,17 +305,18 @@ def write_results(out: str, results: dict, info: dict) -> None:
 
 def results_table(results: dict, info: dict) -> str:
     p = info["preset"]
-    lines = [f"Clarifying-QA, {results['logged']['n']} held-out episodes, greedy decoding"
-             f"{'' if not info['temperature'] else ' (temperature %g)' % info['temperature']}; "
-             f"seed {info['seed']}, {p['episodes'] * p['per_episode']} logged conversations, "
-             f"SFT {p['sft_steps']} steps then {p['method_steps']} steps per method; {info['seconds']:.0f} s on {info['device']}."
+    temps = "/".join(f"{t:g}" for t in p["temperatures"])
+    lines = [f"Clarifying-QA, {results['base']['n']} held-out tasks, greedy decoding; seed {info['seed']}; "
+             f"logged: {p['tasks']} tasks x {len(p['temperatures'])} plays of the base (temperatures {temps}), "
+             f"mean reward {info['logged']['all']['mean_reward']:.3f}; {p['method_steps']} steps per method; "
+             f"{info['seconds']:.0f} s on {info['device']}."
              + ("" if info.get("eval_seed", EVAL_SEED) == EVAL_SEED else f" (tuning episodes: eval seed {info['eval_seed']})"),
              "",
-             "| method | mean reward | ± stderr | accuracy | questions / episode | well-formed turns |",
+             "| policy | mean reward | ± stderr | accuracy | ± stderr | questions / episode |",
              "|---|---|---|---|---|---|"]
     for m, s in results.items():
         lines.append(f"| {m} | {s['mean_reward']:.3f} | {s['stderr']:.3f} | {s['accuracy']:.3f} | "
-                     f"{s['questions']:.2f} | {s['well_formed']:.3f} |")
+                     f"{s['accuracy_stderr']:.3f} | {s['questions_per_episode']:.2f} |")
     return "\n".join(lines)
 
 
@@ -244,19 +326,28 @@ def plot(out: str, results: dict, losses: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     names = list(results)
-    ax1.bar(names, [results[m]["mean_reward"] for m in names], yerr=[results[m]["stderr"] for m in names],
-            capsize=4, color=["#888888"] + ["#4c72b0"] * (len(names) - 1))
-    ax1.set_ylabel("mean reward (held-out episodes)")
-    ax1.set_ylim(0, 1.05)
-    ax1.set_title("Reward by method")
-    ax1.tick_params(axis="x", rotation=30)
-    offset = len(losses.get("sft", []))
+    x = range(len(names))
+    w = 0.38
+    bars = ax1.bar([i - w / 2 for i in x], [results[m]["mean_reward"] for m in names], w,
+                   yerr=[results[m]["stderr"] for m in names], capsize=3, label="mean reward", color="#4c72b0")
+    acc = ax1.bar([i + w / 2 for i in x], [results[m]["accuracy"] for m in names], w,
+                  yerr=[results[m]["accuracy_stderr"] for m in names], capsize=3, label="accuracy", color="#dd8452")
+    for group in (bars, acc):
+        for b in group:
+            ax1.annotate(f"{b.get_height():.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                         xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    ax1.set_xticks(list(x), names, rotation=20)
+    ax1.set_ylim(0, 1.12)
+    ax1.set_ylabel("held-out tasks, greedy")
+    ax1.set_title("Graded reward and accuracy by policy")
+    ax1.legend(fontsize=8, loc="upper left")
+    offset = len(losses.get("base", []))
     for m, ls in losses.items():
-        xs = range(1, len(ls) + 1) if m == "sft" else range(offset + 1, offset + len(ls) + 1)
+        xs = range(1, len(ls) + 1) if m == "base" else range(offset + 1, offset + len(ls) + 1)
         ax2.plot(list(xs), ls, label=m, linewidth=1)
-    ax2.set_xlabel("optimizer step (methods continue from SFT)")
+    ax2.set_xlabel("optimizer step (methods continue from the base)")
     ax2.set_ylabel("training loss (each method's own objective)")
     ax2.set_title("Training curves")
     ax2.legend(fontsize=8)
@@ -266,18 +357,21 @@ def plot(out: str, results: dict, losses: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`refit-fast demo [--quick] [--out DIR] [--seed S] [--device cpu|cuda] [--temperature T]`."""
+    """`refit-fast demo [--quick] [--out DIR] [--seed S] [--device cpu|cuda] [--jobs J]`."""
     parser = argparse.ArgumentParser(
         prog="refit-fast demo",
-        description="Train SFT, filtered SFT, DPO, Refit and Swift on logged clarifying-QA conversations "
-                    "and compare them by rollouts on held-out episodes (CPU: ~10 min, --quick: ~3 min).")
-    parser.add_argument("--quick", action="store_true", help="smaller data and budgets (under 3 minutes on 2 CPU cores)")
+        description="The paper's protocol on the built-in clarifying-QA tasks: SFT a base policy on scripted "
+                    "conversations, log 3 plays of each task by the base at three temperatures with graded "
+                    "rewards, train STaR-GATE, DPO, Refit, Swift and filtered SFT from the base, and score every "
+                    "policy by greedy rollouts on held-out tasks (2-core CPU: ~5 min, --quick: ~3 min).")
+    parser.add_argument("--quick", action="store_true", help="smaller data and budgets (~3 minutes on 2 CPU cores)")
     parser.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the logged data, the model and training (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and training (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; scales the run up)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the evaluation (0 = greedy)")
-    parser.add_argument("--eval-episodes", type=int, default=None, help="held-out episodes (>= 500; default by preset)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="methods trained at once, in worker processes (CPU; default min(2, CPU count))")
+    parser.add_argument("--eval-episodes", type=int, default=None, help="held-out tasks (>= 500; default by preset)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # For tuning only: other held-out episodes than the reported ones (EVAL_SEED).
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -286,16 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu, cuda or auto, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    if args.seed < 0 or args.temperature < 0:
-        parser.error("--seed and --temperature must be >= 0")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        parser.error("--jobs must be >= 1")
     preset = PRESETS["quick" if args.quick else ("cuda" if device == "cuda" else "default")]
     if args.eval_episodes is not None:
         if args.eval_episodes < 500:
             parser.error("--eval-episodes must be >= 500 (the comparison needs small standard errors)")
         preset = replace(preset, eval_episodes=args.eval_episodes)
-    results = run_demo(args.out, preset=preset, seed=args.seed, device=device, temperature=args.temperature,
+    results = run_demo(args.out, preset=preset, seed=args.seed, device=device, jobs=jobs,
                        progress=not args.no_progress, eval_seed=args.eval_seed)
     info = json.load(open(os.path.join(args.out, "run_info.json")))
     print()

@@ -93,12 +93,31 @@ def evaluate(
         (True, True, 0.0)
     """
     config = config or ClarifyConfig()
-    seeds = episode_seeds(n_episodes, seed, "eval")
+    played = play(policy, episode_seeds(n_episodes, seed, "eval"), config=config, batched=batched,
+                  progress=progress, desc="evaluate")
+    return _scores([env.reward for env, _ in played], [infos for _, infos in played])
+
+
+def play(policy: Policy, seeds, *, config: ClarifyConfig | None = None, batched: bool = False,
+         progress: bool = False, desc: str = "play") -> list[tuple[ClarifyEnv, list[dict]]]:
+    """Play one episode per seed to its end; returns `[(env, infos)]` in seed order, where
+    `env.messages` is the conversation, `env.reward` its reward and `infos` one dict per agent turn.
+
+    With `batched=True`, `policy` takes a list of conversations and returns a list of texts: every
+    unfinished episode advances one turn per call (one batched generate per turn for a model).
+    `evaluate` and `collect` both play through here.
+
+    Example:
+        >>> from refit_fast.envs.policies import OPTIMAL
+        >>> [(env.reward, len(infos)) for env, infos in play(OPTIMAL, [1, 3])]
+        [(1.0, 2), (1.0, 2)]
+    """
+    config = config or ClarifyConfig()
     envs = [ClarifyEnv(config) for _ in seeds]
     for env, s in zip(envs, seeds):
         env.reset(s)
-    infos: list[list[dict]] = [[] for _ in seeds]
-    bar = _progress_bar(len(seeds), progress, "evaluate")
+    infos: list[list[dict]] = [[] for _ in envs]
+    bar = _progress_bar(len(envs), progress, desc)
     if batched:
         active = list(range(len(envs)))
         while active:
@@ -116,7 +135,7 @@ def evaluate(
                 episode_infos.append(env.step(policy([dict(m) for m in env.messages]))[3])
             bar.update(1)
     bar.close()
-    return _scores([env.reward for env in envs], infos)
+    return list(zip(envs, infos))
 
 
 def _scores(rewards: list[float], infos: list[list[dict]]) -> dict:
