@@ -274,6 +274,15 @@ def test_swift_weights_do_not_depend_on_packing_or_grad_accum(tmp_path, monkeypa
         assert (len(res.losses) == 1) == (max_tokens == 1024), len(res.losses)
         assert sorted(seen) == sorted(np.float32(hand).tolist()), (max_tokens, accum, extra)
         assert sum(m["zero_weight"] for m in res.metrics) == 3
+    # a conversation dropped as too long still counts in its group's statistics (they are the data set's)
+    budget = int(td.flat.lengths.max()) - 1
+    kept = td.flat.lengths <= budget
+    assert 0 < (~kept).sum() < 3 and hand[~kept].any()
+    seen.clear()
+    cfg = base_config(tmp_path, data, algorithm="swift", output_dir=str(tmp_path / "drop"), steps=None,
+                      **{"batch.max_tokens": budget, "log.every": 0, "optim.lr": 0.0})
+    train(cfg)
+    assert sorted(seen) == sorted(np.float32(hand[kept]).tolist())
 
 
 def test_swift_summary_metrics_and_no_distinct_rewards_error(tmp_path, capsys):
@@ -284,6 +293,7 @@ def test_swift_summary_metrics_and_no_distinct_rewards_error(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "swift weights from 5 groups (by 'group' field or prompt): 3 of 14 conversations have weight 0 " \
            "(1 alone in their group, 2 in groups whose rewards are all equal)" in out, out
+    assert "most conversations" not in out and " | pos " in out
     lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
     assert [x["zero_weight"] for x in lines] == [m["zero_weight"] for m in res.metrics] and sum(
         x["zero_weight"] for x in lines) == 3
@@ -302,6 +312,12 @@ def test_swift_summary_metrics_and_no_distinct_rewards_error(tmp_path, capsys):
     cfg = base_config(tmp_path, single, algorithm="swift", output_dir=str(tmp_path / "single"))
     with pytest.raises(ConfigError, match=r"no group .* holds two different rewards.*swift_stats=step or dataset"):
         train(cfg)
+    # mostly singletons: trains, with a hint in the summary line
+    mostly = tmp_path / "mostly.jsonl"
+    mostly.write_text(open(single).read() + json.dumps(dict(json.loads(open(single).readline()), id="dup", reward=9.0)) + "\n")
+    train(base_config(tmp_path, str(mostly), algorithm="swift", output_dir=str(tmp_path / "mostly"), **{"log.quiet": False}))
+    assert "4 of 6 conversations have weight 0 (4 alone in their group, 0 in groups whose rewards are all equal); " \
+           "most conversations have no group mate" in capsys.readouterr().out
     assert len(train(cfg.replace(**{"objective.swift_stats": "dataset"})).losses) == 1  # global statistics still work
     same = tmp_path / "same.jsonl"
     same.write_text("".join(json.dumps(dict(json.loads(x), reward=0.5)) + "\n" for x in open(single)))

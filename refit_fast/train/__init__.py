@@ -1,4 +1,4 @@
-"""The trainer: SFT, filtered SFT, Refit, Swift and DPO on packed rows, one loss kernel, torchrun-ready.
+"""The trainer: SFT, filtered SFT, STaR-GATE, Refit, Swift and DPO on packed rows, one loss kernel, torchrun-ready.
 
     from refit_fast.train import train, load_config
     result = train("examples/tiny_llama_refit.yaml", ["optim.lr=3e-4"])

@@ -10,10 +10,16 @@ import sys
 
 USAGE = """usage: refit-fast train CONFIG.yaml [key=value ...]
 
-Train a policy on logged conversations (sft, filtered_sft, refit, swift or dpo).
+Train a policy on logged conversations (sft, filtered_sft, star_gate, refit, swift or dpo).
 Overrides use dotted keys, values in YAML syntax, e.g.
 
   refit-fast train run.yaml algorithm=swift optim.lr=1e-4 batch.max_tokens=2048 resume=true
+
+Groups: conversations logged for the same context, by the row field data.group_key (default
+"group", a string or integer) or else by prompt (the messages before the first assistant turn).
+Swift standardizes each reward by its group's mean and std over the whole data set
+(objective.swift_stats=group, the paper's; or dataset, or step: per optimizer step);
+star_gate is SFT on the best conversation of each group; dpo pairs within groups.
 
 Multi-process: torchrun --nproc_per_node=K -m refit_fast.train run.yaml [key=value ...]
 (DDP by default, distributed=fsdp for FSDP2; NCCL on GPU, gloo on CPU).

@@ -529,8 +529,10 @@ def _swift_setup(cfg: TrainConfig, data: TrainData) -> tuple[np.ndarray | None, 
             "so every Swift weight is 0. Log several conversations per prompt, give rows a group field "
             f"(data.group_key={cfg.data.group_key!r}) that joins the conversations of one context, or use "
             "objective.swift_stats=step or dataset")
+    hint = ("; most conversations have no group mate with another reward: log several per prompt (the paper "
+            "logs 3), join them with a group field, or set objective.swift_stats=step or dataset") if 2 * zero > n else ""
     return w, (f"; swift weights from {len(size)} groups (by {by}): {zero} of {n} conversations have weight 0 "
-               f"({singleton} alone in their group, {equal} in groups whose rewards are all equal)")
+               f"({singleton} alone in their group, {equal} in groups whose rewards are all equal){hint}")
 
 
 def _step_weights(cfg: TrainConfig, rewards: np.ndarray, stats) -> torch.Tensor:

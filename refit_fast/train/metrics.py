@@ -41,8 +41,13 @@ def format_line(m: dict, total_steps: int) -> str:
         >>> format_line({"step": 3, "loss": 1.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 12345.0,
         ...              "step_time": 0.05, "packing_efficiency": 0.98, "elapsed": 1.0}, 10)
         'step 3/10 | loss 1.5000 | lr 1.00e-03 | gnorm 0.500 | 12.3k tok/s | 50.0 ms/step | pack 98.0% | 1.0s'
+        >>> format_line({"step": 3, "loss": -0.5, "loss_pos": 2.0, "loss_neg": -2.5, "lr": 1e-3, "grad_norm": 0.5,
+        ...              "tokens_per_s": 1e3, "step_time": 0.05, "packing_efficiency": 0.98, "elapsed": 1.0}, 10)[:49]
+        'step 3/10 | loss -0.5000 | pos 2.0000 neg -2.5000'
     """
     parts = [f"step {m['step']}/{total_steps}", f"loss {m['loss']:.4f}"]
+    if "loss_pos" in m:  # Swift: the positive- and negative-weight parts (their sum is the loss)
+        parts.append(f"pos {m['loss_pos']:.4f} neg {m['loss_neg']:.4f}")
     if "dpo_accuracy" in m:
         parts.append(f"acc {m['dpo_accuracy']:.2f}")
     parts += [
