@@ -3,6 +3,8 @@ against plain float64 statements (the reference), both implementations (Triton u
 interpreter on CPU); the exactness cases (identical rewards, huge rewards, eps=0)."""
 from __future__ import annotations
 
+import importlib
+import itertools
 import os
 
 import pytest
@@ -78,13 +80,19 @@ def test_standardize_rewards_sparse_ids_renumbered():
     assert torch.allclose(standardize_rewards(r, huge), plain_standardized(r, groups), rtol=1e-12, atol=1e-12)
 
 
+# copies of 100.1 whose float64 mean is not 100.1 in any summation order (n = 3, 6, 12), and n = 7
+TIES = (3, 6, 7, 12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_identical_rewards_are_exactly_zero(dtype):
-    """100.1 x7: a float mean of the copies is not 100.1 exactly; the shift makes every deviation 0."""
+    """100.1 x n: a float mean of the copies is not always 100.1; the shift makes every deviation 0."""
+    for n in TIES:
+        r = torch.full((n,), 100.1, dtype=dtype)
+        for eps in (1e-6, 0.0):
+            assert torch.all(standardize_rewards(r, eps=eps) == 0)
+            assert torch.all(standardize_rewards(r, torch.zeros(n, dtype=torch.long), eps=eps) == 0)
     r = torch.full((7,), 100.1, dtype=dtype)
-    for eps in (1e-6, 0.0):
-        assert torch.all(standardize_rewards(r, eps=eps) == 0)
-        assert torch.all(standardize_rewards(r, torch.zeros(7, dtype=torch.long), eps=eps) == 0)
     mixed = torch.cat([r, torch.tensor([0.0, 1.0], dtype=dtype)])
     out = standardize_rewards(mixed, torch.tensor([3, 3, 3, 3, 3, 3, 3, 1, 1]), eps=0.0)
     assert torch.all(out[:7] == 0) and torch.equal(out[7:], torch.tensor([-1.0, 1.0], dtype=torch.float64))
@@ -220,10 +228,12 @@ def test_group_huge_rewards_and_eps_zero(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_group_weights_of_tied_and_single_groups_are_zero(impl):
-    """Only singleton groups and a tied group: loss and gradients exactly 0 (also eps=0, no NaN);
-    one conversation alone likewise."""
-    case = group_case(fresh_seed(), [1, 1, 4, 1])
-    case["rewards"][case["groups"] != case["groups"][0]] = -3.7  # each other group: one member
+    """Only singleton groups and tied groups (float64 100.1 x3 and x6, whose plain float64 mean is
+    not 100.1): loss and gradients exactly 0 (also eps=0, no NaN); one conversation alone likewise."""
+    case = group_case(fresh_seed(), [1, 6, 1, 3, 1])
+    sizes = torch.bincount(case["groups"])
+    case["rewards"] = torch.where(sizes[case["groups"]] > 1, torch.tensor(100.1, dtype=torch.float64), -3.7)
+    assert case["rewards"].dtype == torch.float64 and case["rewards"].max() == 100.1
     h = case["hidden"].float().requires_grad_()
     W = case["weight"].float().requires_grad_()
     for eps in (1e-6, 0.0):
@@ -264,18 +274,18 @@ def test_group_equals_batch_for_one_group_and_module(impl):
 # ---- batch standardization: exact statistics ----
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batch_identical_rewards_give_exactly_zero(impl):
-    """100.1 x7 used to give weights of ~0.88 (float32 cancellation); now exactly 0, also eps=0."""
+    """100.1 x7 used to give weights of ~0.88 (float32 cancellation); now exactly 0 for any count,
+    float32 or float64 rewards, also eps=0."""
     g = torch.Generator().manual_seed(fresh_seed())
     h = torch.randn(21, 6, generator=g, requires_grad=True)
     W = torch.randn(29, 6, generator=g, requires_grad=True)
     y = torch.randint(0, 29, (21,), generator=g)
-    sid = torch.arange(21) % 7
-    for dtype in (torch.float32, torch.float64):
+    for n, dtype in itertools.product(TIES, (torch.float32, torch.float64)):
         for eps in (1e-6, 0.0):
-            per_tok = weighted_ce(h, W, y, sid, torch.full((7,), 100.1, dtype=dtype), standardize=True, eps=eps,
-                                  impl=impl, reduction="none")
+            per_tok = weighted_ce(h, W, y, torch.arange(21) % n, torch.full((n,), 100.1, dtype=dtype),
+                                  standardize=True, eps=eps, impl=impl, reduction="none")
             per_tok.sum().backward()
-            assert torch.all(per_tok == 0) and torch.all(h.grad == 0) and torch.all(W.grad == 0)
+            assert torch.all(per_tok == 0) and torch.all(h.grad == 0) and torch.all(W.grad == 0), (n, dtype, eps)
             h.grad = W.grad = None
 
 
@@ -305,3 +315,48 @@ def test_batch_spelling_and_given_stats_std_zero(impl):
     # a given std of 0 (all rewards equal where the statistics came from): weights 0, not (r - mean) / eps
     zero = weighted_ce(h, W, *args, standardize="batch", reward_stats=(0.3, 0.0), eps=0.0, impl=impl)
     assert zero.item() == 0.0
+
+
+# ---- the Triton weight kernel across many blocks (as compiled: tiles much smaller than B) ----
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreted Triton on CPU tensors")
+@pytest.mark.parametrize("mode", ["batch", "group"])
+def test_weight_kernel_with_small_blocks(mode, monkeypatch):
+    """BLOCK_N=16 tokens and BLOCK_B=8 rewards for 61 tokens of B=21 conversations: every program loops
+    over three reward blocks with a ragged tail, the last token block is ragged too."""
+    wce = importlib.import_module("refit_fast.ops.weighted_ce")
+    monkeypatch.setattr(wce, "_weight_blocks", lambda n, B, grouped: (16, 8))
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    groups = random_groups(g, [5, 1, 3, 7, 2, 3])
+    B = groups.numel()
+    rewards = torch.rand(B, generator=g, dtype=torch.float64) * 1e30
+    rewards[groups == groups[-1]] = 100.1
+    sid = torch.randint(0, B, (61,), generator=g)
+    ours = wce.token_weights_triton(rewards, sid, standardize=mode, eps=0.0, reward_stats=None, groups=groups)
+    truth = plain_standardized(rewards, groups if mode == "group" else None, 0.0)[sid]
+    assert torch.allclose(ours.double(), truth, rtol=1e-6, atol=1e-6), seed
+    if mode == "group":
+        assert torch.all(ours[groups[sid] == groups[-1]] == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled Triton kernel)")
+def test_group_on_cuda_matches_reference():
+    """The compiled kernel (64x64 tiles, several reward blocks): float32 and float64 rewards, ties."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    groups = random_groups(g, [3] * 40 + [1, 5, 2, 7], n_ids=200)
+    B = groups.numel()
+    N, D, V = 2000, 32, 1000
+    sid = torch.randint(0, B, (N,), generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < 0.3] = -100
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64) / D**0.5
+    for rewards in (torch.rand(B, generator=g), torch.rand(B, generator=g, dtype=torch.float64) * 1e30):
+        rewards[groups == groups[0]] = 100.1
+        truth = weighted_ce_reference(h, W, y, sid, rewards.double(), standardize="group", groups=groups,
+                                      reduction="none")
+        ours = weighted_ce(h.float().cuda(), W.float().cuda(), y.cuda(), sid.cuda(), rewards.cuda(),
+                           standardize="group", groups=groups.cuda(), reduction="none", impl="triton")
+        assert torch.allclose(ours.cpu().double(), truth, rtol=1e-4, atol=1e-4), seed
+        assert torch.all(ours.cpu()[groups[sid] == groups[0]] == 0)

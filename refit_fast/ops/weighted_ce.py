@@ -175,6 +175,16 @@ def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), cap)
 
 
+def _weight_blocks(n_tokens: int, n_rewards: int, grouped: bool) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_B) of _token_weight_kernel. Grouped, the kernel holds [BLOCK_N, BLOCK_B]
+    float64 tiles: small when compiled (registers), large when interpreted (cost = grid x trips)."""
+    if grouped:
+        if _interpreting():
+            return min(triton.next_power_of_2(n_tokens), 1024), min(triton.next_power_of_2(n_rewards), 256)
+        return 64, min(triton.next_power_of_2(n_rewards), 64)
+    return 1024, min(triton.next_power_of_2(n_rewards), 4096)
+
+
 def token_weights_triton(rewards, seq_ids_valid, *, standardize, eps, reward_stats, groups=None):
     """Triton twin of :func:`token_weights_torch` (fp32 out, float64 statistics), one launch."""
     n = seq_ids_valid.numel()
@@ -188,14 +198,7 @@ def token_weights_triton(rewards, seq_ids_valid, *, standardize, eps, reward_sta
     stats = None
     if standardize == "batch" and reward_stats is not None:
         stats = torch.stack([reward_stats[0], reward_stats[1]]).to(torch.float64)
-    if grouped:
-        # [BLOCK_N, BLOCK_B] float64 tiles: small when compiled (registers), large when interpreted
-        big = _interpreting()
-        BLOCK_N = min(triton.next_power_of_2(n), 1024) if big else 64
-        BLOCK_B = min(triton.next_power_of_2(B), 256 if big else 64)
-    else:
-        BLOCK_N = 1024
-        BLOCK_B = min(triton.next_power_of_2(B), 4096)
+    BLOCK_N, BLOCK_B = _weight_blocks(n, B, grouped)
     _token_weight_kernel[(triton.cdiv(n, BLOCK_N),)](
         rewards, rewards.numel(), stats if stats is not None else rewards,
         groups if grouped else seq_ids_valid, seq_ids_valid, out, n, float(eps),
