@@ -708,8 +708,7 @@ def weighted_ce(
     else:
         weights_fn = token_weights_triton if impl == "triton" else token_weights_torch
         w_v = weights_fn(rewards, sid_v, standardize=mode, eps=eps, reward_stats=stats, groups=groups)
-    if hidden.dtype == torch.float64:
-        w_v = w_v.double()
+    w_v = w_v.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)  # rounded once
     if reduction == "mean" and normalize == "sequence":
         present = torch.zeros(max(n_conv, 1), dtype=torch.bool, device=device).index_fill_(0, sid_v, True)
         denom = present.sum().clamp_min(1).to(torch.float32)

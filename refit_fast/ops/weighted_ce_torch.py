@@ -147,22 +147,21 @@ def _standardize(r: torch.Tensor, groups, eps: float, stats) -> torch.Tensor:
 
 
 def token_weights_torch(rewards, seq_ids_valid, *, standardize, eps, reward_stats, groups=None):
-    """Per-token reward weight w_t = r~[seq_ids_t] for the trained tokens, in fp32 (fp64 if rewards are).
-
-    standardize: "none" (r~ = rewards, Refit), "batch" (statistics of all entries of `rewards`, or
-    `reward_stats` = (mean, std) float64 0-dim tensors) or "group" (per-group statistics, `groups`
-    [B] ids): :func:`standardize_rewards`, in float64, rounded once at the end.
+    """Per-token reward weight w_t = r~[seq_ids_t] for the trained tokens [Nv]: the rewards as given
+    (standardize="none", Refit; fp32, or fp64 if rewards are) or standardized in float64 (returned
+    as float64; the caller rounds once): "batch" (statistics of all entries of `rewards`, or
+    `reward_stats` = (mean, std) float64 0-dim tensors) or "group" (per-group statistics of
+    `groups` [B] ids >= 0), by :func:`standardize_rewards`'s rule.
 
         >>> token_weights_torch(torch.tensor([1.0, 3.0]), torch.tensor([0, 0, 1]),
         ...                     standardize="batch", eps=0.0, reward_stats=None)
-        tensor([-1., -1.,  1.])
+        tensor([-1., -1.,  1.], dtype=torch.float64)
     """
-    out_dtype = torch.promote_types(rewards.dtype, torch.float32)
     if standardize == "none":
-        r = rewards.to(out_dtype)
+        r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
     else:
         r = _standardize(rewards.to(torch.float64), groups if standardize == "group" else None, eps,
-                         reward_stats if standardize == "batch" else None).to(out_dtype)
+                         reward_stats if standardize == "batch" else None)
     return r[seq_ids_valid]
 
 
