@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from refit_fast.ops.weighted_ce_torch import REWARD_LIMIT, ce_rows_torch, token_weights_torch
+from refit_fast.ops.weighted_ce_torch import REWARD_LIMIT, _as_eps, ce_rows_torch, token_weights_torch
 
 try:  # triton is a Linux dependency; the torch path works without it
     import triton
@@ -558,8 +558,7 @@ def weighted_ce(
         raise ValueError(f"weighted_ce: normalize must be one of {_NORMALIZE}, got {normalize!r}")
     if impl not in _IMPLS:
         raise ValueError(f"weighted_ce: impl must be one of {_IMPLS}, got {impl!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0.0 and eps != float("inf")):
-        raise ValueError(f"weighted_ce: eps must be a finite number >= 0, got {eps}")
+    eps = _as_eps(eps, "weighted_ce")
     mode = _standardize_mode(standardize)
     if mode != "none" and rewards is None:
         raise ValueError(f"weighted_ce: standardize={standardize!r} needs rewards")

@@ -69,8 +69,7 @@ def standardize_rewards(rewards, groups=None, *, eps: float = 1e-6, stats=None) 
     if rewards.is_complex() or rewards.dtype == torch.bool:
         raise ValueError(f"{name}: rewards must be real numbers, got {rewards.dtype}")
     r = rewards.detach().to(torch.float64)
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
+    eps = _as_eps(eps, name)
     if r.numel() and bool(((~torch.isfinite(r)) | (r.abs() > REWARD_LIMIT)).any()):
         raise ValueError(f"{name}: rewards must be finite and at most {REWARD_LIMIT:g} in magnitude")
     if groups is not None:
@@ -89,6 +88,17 @@ def standardize_rewards(rewards, groups=None, *, eps: float = 1e-6, stats=None) 
     if stats is not None:
         stats = _check_stats(stats, r.device, name)
     return _standardize(r, groups, eps, stats)
+
+
+def _as_eps(eps, name: str) -> float:
+    """eps as a Python float, or a ValueError unless it is one finite number >= 0."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}") from None
+    if isinstance(eps, (bool, str)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
+    return value
 
 
 def _check_stats(stats, device, name):
