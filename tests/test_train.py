@@ -361,6 +361,13 @@ def test_filtered_sft_trains_on_the_top_fraction(tmp_path):
     assert_params_close(res, expected)
 
 
+def test_filtered_sft_with_nothing_kept_says_why(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data, algorithm="filtered_sft", **{"objective.filter_min_reward": 1e9})
+    with pytest.raises(ValueError, match=r"filtered_sft: no conversation has reward >= objective.filter_min_reward=1000000000.0 \(highest reward: "):
+        train(cfg)
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints, resume, failures
 # ------------------------------------------------------------------------------------------------

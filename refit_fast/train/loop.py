@@ -118,7 +118,11 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     convs, tokenizer, report = _load_data(cfg)
     data = TrainData.from_tokenized(convs)
     if cfg.algorithm == "filtered_sft":
-        data = data.subset(filter_top(data.rewards, cfg.objective.filter_top_fraction, cfg.objective.filter_min_reward))
+        kept = filter_top(data.rewards, cfg.objective.filter_top_fraction, cfg.objective.filter_min_reward)
+        if len(kept) == 0:
+            raise ValueError(f"filtered_sft: no conversation has reward >= objective.filter_min_reward="
+                             f"{cfg.objective.filter_min_reward} (highest reward: {data.rewards.max():g})")
+        data = data.subset(kept)
     if cfg.algorithm == "star_gate":
         data = data.subset(best_per_group(data.rewards, data.groups))
     pairs = None
