@@ -51,6 +51,10 @@ def test_demo_smoke_writes_every_result(tiny_run):
     assert info["seed"] == 3 and info["eval_seed"] == 0 and info["preset"]["method_steps"] == 2
     assert [len(info["losses"][m]) for m in POLICIES] == [3, 2, 2, 2, 2, 2]
     assert set(info["logged"]) == {"0.7", "1", "1.3", "all"}
+    parts = info["swift_loss_parts"]  # logged every 10 steps and at the last one: here only step 2
+    assert parts["steps"] == [2]
+    assert parts["loss_pos"][0] + parts["loss_neg"][0] == pytest.approx(info["losses"]["swift"][-1], rel=1e-5, abs=1e-6)
+    assert parts["loss_pos"][0] >= 0 >= parts["loss_neg"][0]
     base_cfg = (out / "runs" / "base" / "config.yaml").read_text()
     assert "algorithm: sft" in base_cfg and "scripted.jsonl" in base_cfg
     for method in METHODS:  # every method trained its own model, from the base, on the logged data

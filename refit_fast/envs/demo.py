@@ -59,11 +59,12 @@ class Preset:
     tasks: int = 1000             # logged tasks ...
     temperatures: tuple = (0.7, 1.0, 1.3)  # ... each played once at each temperature (m = 3)
     method_steps: int = 100       # the same budget for every method
-    lrs: tuple = (("star_gate", 3e-3), ("dpo", 3e-5), ("refit", 3e-3), ("swift", 1e-3), ("filtered_sft", 3e-3))
+    lrs: tuple = (("star_gate", 6e-3), ("dpo", 3e-5), ("refit", 1e-3), ("swift", 3e-5), ("filtered_sft", 3e-3))
     min_lr_ratio: float = 0.1     # cosine decay to lr * this
     dpo_beta: float = 0.1
     filter_min_reward: float = 0.5  # filtered SFT keeps the right conversations (graded: right >= 0.6 > wrong)
     eval_episodes: int = 1000
+    filtered_sft: bool = True     # also train filtered SFT (the paper has no such baseline; --quick skips it)
 
     def lr(self, method: str) -> float:
         return self.base_lr if method == "base" else dict(self.lrs)[method]
@@ -71,7 +72,7 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
-    "quick": Preset(scripted=2000, base_steps=200, tasks=600, method_steps=80, eval_episodes=500),
+    "quick": Preset(scripted=2000, base_steps=200, tasks=600, method_steps=80, eval_episodes=500, filtered_sft=False),
     "cuda": Preset(scripted=10000, hidden=256, layers=4, heads=8, max_tokens=4096, grad_accum=2, base_steps=600,
                    tasks=3000, method_steps=300, eval_episodes=2000),
 }
@@ -102,7 +103,8 @@ def train_config(preset: Preset, method: str, out: str, seed: int, device: str, 
                   "min_lr_ratio": preset.min_lr_ratio, "weight_decay": 0.0, "grad_clip": 1.0},
         "objective": {"filter_min_reward": preset.filter_min_reward, "dpo_beta": preset.dpo_beta},
         "checkpoint": {"every": 0, "save_final": True},
-        "log": {"every": 0, "progress": "false", "quiet": True},
+        # quiet; every 10 steps Swift's metrics also split its loss into positive and negative parts
+        "log": {"every": 10, "progress": "false", "quiet": True},
     }
     cfg.update(extra)
     return cfg
@@ -139,8 +141,8 @@ def run_demo(out: str, *, preset: Preset, seed: int = 0, device: str = "cpu", jo
     torch.manual_seed(seed)
     # One bar over the whole run, in units of work: optimizer steps, plus UNITS per evaluation or
     # logging pass (each takes about as long as that many steps).
-    total = (preset.base_steps + len(METHODS) * preset.method_steps
-             + UNITS * (len(POLICIES) + len(preset.temperatures)))
+    n_methods = len(METHODS) - (not preset.filtered_sft)
+    total = preset.base_steps + n_methods * preset.method_steps + UNITS * (n_methods + 1 + len(preset.temperatures))
     bar = _bar(total, progress, "demo")
     try:
         # 1. the base policy: SFT on scripted conversations
@@ -150,7 +152,8 @@ def run_demo(out: str, *, preset: Preset, seed: int = 0, device: str = "cpu", jo
         tokenizer = build_word_tokenizer(corpus(2000, seed=seed))
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
         t = time.perf_counter()
-        base_run = train(train_config(preset, "base", out, seed, device,
+        # nothing else runs during this stage: it may use every job's core
+        base_run = train(train_config(preset, "base", out, seed, device, cpu_threads=max(1, jobs),
                                       model={"config": model_config(preset, len(tokenizer))}),
                          on_step=lambda metrics: _tick(bar.update, 1))
         base_path = base_run.final_model_path
@@ -159,6 +162,7 @@ def run_demo(out: str, *, preset: Preset, seed: int = 0, device: str = "cpu", jo
 
         # 2. logging: m = len(temperatures) conversations per task, one at each temperature
         base_model = _load(base_path, device)
+        torch.set_num_threads(max(1, jobs))
         records = []
         for j, temperature in enumerate(preset.temperatures):
             bar.set_description(f"demo: logging at temperature {temperature:g}")
@@ -176,20 +180,26 @@ def run_demo(out: str, *, preset: Preset, seed: int = 0, device: str = "cpu", jo
                        f"accuracy {logged['all']['accuracy']:.3f}")
 
         # 3-4. every method from the base, then greedy rollouts on held-out tasks
-        results, losses = {}, {"base": base_run.losses}
+        results, losses, loss_parts = {}, {"base": base_run.losses}, {}
         bar.set_description("demo: training and scoring")
-        results["base"] = _score(base_model, tokenizer, preset, eval_seed)
-        bar.update(UNITS)
         del base_model
-        methods = list(METHODS)
-        if not any(r["reward"] >= preset.filter_min_reward for r in records):  # possible only for tiny runs
-            methods.remove("filtered_sft")
+        torch.set_num_threads(1)
+        methods = [m for m in METHODS if m != "filtered_sft" or preset.filtered_sft]
+        if "filtered_sft" in methods and not any(r["reward"] >= preset.filter_min_reward for r in records):
+            methods.remove("filtered_sft")  # possible only in tiny runs
             _log(bar, log, f"[demo] filtered_sft skipped: no logged reward >= {preset.filter_min_reward}")
+        # the base is scored as one more job, so it fills a worker while another trains
         specs = [(m, train_config(preset, m, out, seed, device, model={"init_from": base_path})) for m in methods]
+        specs.append(("base", {"model_path": base_path}))
         tok_dir = os.path.join(out, "tokenizer")
         for method, res, ls, seconds in _run_jobs(specs, preset, tok_dir, eval_seed, device, jobs, bar):
-            results[method], losses[method] = res, ls
-            _log(bar, log, f"[demo] {method:<12} trained and scored in {seconds:5.1f} s: mean reward "
+            results[method] = res
+            if method != "base":
+                losses[method] = ls["loss"]
+                if "loss_pos" in ls:
+                    loss_parts = {k: ls[k] for k in ("steps", "loss_pos", "loss_neg")}
+            _log(bar, log, f"[demo] {method:<12} {'scored' if method == 'base' else 'trained and scored'} "
+                           f"in {seconds:5.1f} s: mean reward "
                            f"{res['mean_reward']:.3f} +- {res['stderr']:.3f}, accuracy {res['accuracy']:.3f}")
     finally:
         bar.close()
@@ -197,6 +207,7 @@ def run_demo(out: str, *, preset: Preset, seed: int = 0, device: str = "cpu", jo
     results = {p: results[p] for p in POLICIES if p in results}
     info = {"seed": seed, "device": device, "jobs": jobs, "preset": asdict(preset), "eval_seed": eval_seed,
             "seconds": round(time.perf_counter() - t0, 1), "logged": logged, "losses": losses,
+            "swift_loss_parts": loss_parts,
             "scores": results}
     write_results(out, results, info)
     return results
@@ -231,7 +242,8 @@ def _score(model, tokenizer, preset: Preset, eval_seed: int) -> dict:
 
 def _train_and_score(method: str, cfg: dict, preset: Preset, tokenizer_dir: str, eval_seed: int, device: str,
                      ticks=None):
-    """One job: train `method` from the base, then score it. Runs in a worker process or inline."""
+    """One job: train `method` from the base, then score it (``base``: score ``cfg["model_path"]``).
+    Runs in a worker process or inline."""
     import torch
     from transformers import AutoTokenizer
 
@@ -239,11 +251,20 @@ def _train_and_score(method: str, cfg: dict, preset: Preset, tokenizer_dir: str,
 
     torch.set_num_threads(1)
     t = time.perf_counter()
-    run = train(cfg, on_step=lambda metrics: _tick(ticks, 1))
+    if method == "base":
+        path, losses = cfg["model_path"], {}
+    else:
+        run = train(cfg, on_step=lambda metrics: _tick(ticks, 1))
+        path = run.final_model_path
+        losses = {"loss": run.losses}
+        if method == "swift":  # the parts of Swift's loss from positive- and negative-weight conversations
+            logged = [m for m in run.metrics if "loss_pos" in m]
+            losses.update(steps=[m["step"] for m in logged], loss_pos=[m["loss_pos"] for m in logged],
+                          loss_neg=[m["loss_neg"] for m in logged])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    res = _score(_load(run.final_model_path, device), tokenizer, preset, eval_seed)
+    res = _score(_load(path, device), tokenizer, preset, eval_seed)
     _tick(ticks, UNITS)
-    return method, res, run.losses, time.perf_counter() - t
+    return method, res, losses, time.perf_counter() - t
 
 
 def _run_jobs(specs, preset, tok_dir, eval_seed, device, jobs, bar):
@@ -298,7 +319,7 @@ def write_results(out: str, results: dict, info: dict) -> None:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(results_table(results, info) + "\n")
     try:
-        plot(out, results, info["losses"])
+        plot(out, results, info["losses"], info.get("swift_loss_parts"))
     except ImportError:  # matplotlib missing: the table and JSON are still written
         print("[demo] matplotlib is not installed: no results.png", file=sys.stderr)
 
@@ -320,7 +341,7 @@ def results_table(results: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: str, results: dict, losses: dict) -> None:
+def plot(out: str, results: dict, losses: dict, swift_parts: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,6 +368,10 @@ def plot(out: str, results: dict, losses: dict) -> None:
     for m, ls in losses.items():
         xs = range(1, len(ls) + 1) if m == "base" else range(offset + 1, offset + len(ls) + 1)
         ax2.plot(list(xs), ls, label=m, linewidth=1)
+    if swift_parts:  # Swift's loss is unbounded below: show what its two signs contribute
+        xs = [offset + s for s in swift_parts["steps"]]
+        for key, style in (("loss_pos", "--"), ("loss_neg", ":")):
+            ax2.plot(xs, swift_parts[key], style, color="gray", linewidth=1, label=f"swift {key[5:]}. weights")
     ax2.set_xlabel("optimizer step (methods continue from the base)")
     ax2.set_ylabel("training loss (each method's own objective)")
     ax2.set_title("Training curves")
