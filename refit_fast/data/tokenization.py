@@ -244,7 +244,8 @@ class _ChatEncoder:
         """Compare the fast path with the public calls on one chat; fall back for good on any difference."""
         if self._checked:
             return
-        self._checked = True
+        # A template that raises on this chat raises here: the caller reports the row, and the
+        # check runs again on the next chat (`_checked` is set only once it completed).
         for gen in (False, True):
             if self.compiled is not None and self.render([chat], gen) != self._render_public([chat], gen):
                 self.compiled = None
@@ -252,6 +253,7 @@ class _ChatEncoder:
             texts = self._render_public([chat], False)
             if self.encode(texts) != self._encode_public(texts):
                 self.backend = None
+        self._checked = True
 
 
 def _tokenize_chunk(chunk: Sequence[Conversation], enc: _ChatEncoder, report, exact: bool = False):
@@ -278,8 +280,8 @@ def _tokenize_chunk(chunk: Sequence[Conversation], enc: _ChatEncoder, report, ex
         end_chats.extend(msgs[: k + 1] for k in turns if k != last)  # the last turn ends with the text
     if not jobs:
         return results
-    enc.check_fast_path(full_chats[0])
     try:
+        enc.check_fast_path(full_chats[0])
         full_texts = enc.render(full_chats, False)
         start_texts = iter(enc.render(start_chats, True))
         end_texts = iter(enc.render(end_chats, False))
@@ -361,6 +363,7 @@ def _tokenize_one_by_one(chunk, indices, enc, report, results, exact):
     for i in indices:
         conv = chunk[i]
         try:
+            enc.check_fast_path(conv.messages)  # until one chat passed it, the check itself may raise
             enc.render([conv.messages], False)
             for k, t in enumerate(conv.train):
                 if t:
