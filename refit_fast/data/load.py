@@ -28,6 +28,7 @@ import numpy as np
 from refit_fast.data.report import ValidationReport
 
 DEFAULT_ROLES = ("system", "user", "assistant")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # rewards are trained in float32
 TRAINED_ROLE = "assistant"
 
 
@@ -257,9 +258,17 @@ def _parse_reward(row, location, report, key) -> float | None:
     if isinstance(r, bool) or not isinstance(r, Real):
         report.problem("bad_reward", location, f"{key!r} must be a number, got {type(r).__name__} {_short(r)}")
         return None
-    r = float(r)
+    try:
+        r = float(r)
+    except OverflowError:  # an integer too large for a float64 (e.g. 400 digits)
+        report.problem("reward_out_of_range", location, f"{key!r} is an integer of {len(str(abs(r)))} digits, beyond float32")
+        return None
     if not math.isfinite(r):
         report.problem("non_finite_reward", location, f"{key!r} is {r}")
+        return None
+    if abs(r) > _FLOAT32_MAX:
+        # Rewards are trained in float32: this one would become inf there (and NaN after standardizing).
+        report.problem("reward_out_of_range", location, f"{key!r} is {r:.4g}, beyond float32 (|r| <= {_FLOAT32_MAX:.4g})")
         return None
     return r
 
@@ -268,6 +277,11 @@ def _parse_tokens(row, location, report):
     ids, mask = row.get("input_ids"), row.get("loss_mask")
     if mask is None:
         report.problem("bad_tokens", location, "a pre-tokenized row needs both 'input_ids' and 'loss_mask'")
+        return None
+    if isinstance(ids, (list, tuple)) and len(ids) == 0:
+        # np.asarray([]) is float64: checked first, so an empty row is not called malformed.
+        report.problem("empty_tokens", location, "input_ids is empty" + ("" if isinstance(mask, (list, tuple)) and not mask
+                                                                         else " (loss_mask is not)"))
         return None
     try:
         ids_a = np.asarray(ids)
@@ -282,7 +296,7 @@ def _parse_tokens(row, location, report):
         report.problem("bad_tokens", location, f"len(input_ids)={len(ids_a)} != len(loss_mask)={len(mask_a)}")
         return None
     if len(ids_a) == 0:
-        report.problem("empty_conversation", location, "input_ids is empty")
+        report.problem("empty_tokens", location, "input_ids is empty")
         return None
     if ids_a.min() < 0:
         report.problem("bad_tokens", location, f"negative token id {int(ids_a.min())}")
