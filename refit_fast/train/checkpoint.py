@@ -3,13 +3,17 @@
 A checkpoint is a folder ``checkpoint-{step}``::
 
     model.safetensors (+ config.json)   the weights, via save_pretrained (loadable with from_pretrained)
-    optimizer.pt, scheduler.pt          torch state dicts
+    optimizer.pt, scheduler.pt          torch state dicts (tensors and plain data only)
     rng-rank{r}.pt                      Python, NumPy and torch (CPU + CUDA) RNG states of every rank
     trainer_state.json                  step, epoch, position in the epoch's bin plan; written last
 
 It is written to ``checkpoint-{step}.tmp`` and renamed with ``os.replace`` once complete, so a crash
 mid-write leaves only a ``.tmp`` folder that :func:`latest_checkpoint` ignores (and the next save
 removes); the previous checkpoint is untouched.
+
+Loading never runs code from a checkpoint: the ``.pt`` files are read with ``torch.load(weights_only=True)``
+(tensors, numbers, strings, lists, tuples, dicts), so a crafted file is refused with
+:class:`UnsafeCheckpointError` instead of being unpickled.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ import numpy as np
 import torch
 
 __all__ = [
+    "UnsafeCheckpointError",
+    "load_rng",
+    "load_state",
     "quiet_transformers",
     "save_pretrained_quietly",
     "capture_rng",
@@ -62,10 +69,36 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return ckpts[-1][1] if ckpts else None
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded without running code from it (or is not a torch file)."""
+
+
+def load_state(path: str):
+    """``torch.load(path, weights_only=True)`` on CPU; a file that needs anything more than tensors and
+    plain data (e.g. a pickled object whose loading would call a function) is refused, naming the file."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
+        # torch's message suggests weights_only=False, which is exactly what must not happen: keep only
+        # the name of the global the file asked for, if it says
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = f"it asks for {found.group(1)}" if found else f"{type(e).__name__}"
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: not a file this trainer writes ({why}; only tensors and plain data are "
+            "loaded, never arbitrary pickled objects). Delete that checkpoint folder to resume from the one "
+            "before it") from None
+
+
 def capture_rng() -> dict:
+    """Every RNG state as tensors and plain data (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -73,9 +106,31 @@ def capture_rng() -> dict:
     return state
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a NumPy uint32 array needs (older checkpoints stored ``np.random.get_state()``)."""
+    from numpy._core import multiarray
+
+    rebuild = multiarray._reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (rebuild, "numpy._core.multiarray._reconstruct"),
+            (rebuild, "numpy.core.multiarray._reconstruct")]
+
+
+def load_rng(checkpoint: str, rank: int) -> dict:
+    """The RNG state file of ``rank`` (rank 0's when the checkpoint has none for it), loaded safely
+    (NumPy arrays allowed: checkpoints written before the RNG state was stored as tensors hold one)."""
+    path = os.path.join(checkpoint, f"rng-rank{rank}.pt")
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        return load_state(path if os.path.exists(path) else os.path.join(checkpoint, "rng-rank0.pt"))
+
+
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": n["key"].numpy().astype(np.uint32),
+                             "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    else:
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

