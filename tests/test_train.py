@@ -500,7 +500,7 @@ def test_cli_usage_and_config_errors(tmp_path, capsys):
     assert main(["--help"]) == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("algoritm: refit\n")
-    assert main([str(bad)]) == 2
+    assert main([str(bad)]) == 1
     assert "did you mean algorithm" in capsys.readouterr().err
 
 

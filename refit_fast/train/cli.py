@@ -21,9 +21,14 @@ Swift standardizes each reward by its group's mean and std over the whole data s
 (objective.swift_stats=group, the paper's; or dataset, or step: per optimizer step);
 star_gate is SFT on the best conversation of each group; dpo pairs within groups.
 
+resume=true continues from the latest checkpoint-STEP in output_dir; resume=force continues even
+where that checkpoint's recorded settings differ from this run's (default: false, a fresh run).
+
 Multi-process: torchrun --nproc_per_node=K -m refit_fast.train run.yaml [key=value ...]
 (DDP by default, distributed=fsdp for FSDP2; NCCL on GPU, gloo on CPU).
-Writes OUTPUT_DIR/metrics.jsonl, checkpoint-STEP/ folders and OUTPUT_DIR/final (save_pretrained)."""
+Writes OUTPUT_DIR/metrics.jsonl, checkpoint-STEP/ folders and OUTPUT_DIR/final (save_pretrained).
+A bad config, data file or run (e.g. a non-finite loss) prints one line "refit-fast train: ..." and
+exits 1; a bad command line exits 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,18 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refit-fast train: the first argument must be the YAML config, got {path!r}\n\n{USAGE}", file=sys.stderr)
         return 2
 
-    from refit_fast.train.config import ConfigError, load_config
+    import yaml
+
+    from refit_fast.train.config import load_config
     from refit_fast.train.loop import NonFiniteLossError, train
 
+    # What a user can fix (the config, the data, the output folder, a diverging run): one line and
+    # exit 1. Anything else is a bug and keeps its traceback. ConfigError and DataError are ValueErrors.
+    known = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
+             PermissionError, yaml.YAMLError, NonFiniteLossError)
     try:
-        cfg = load_config(path, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"refit-fast train: {e}", file=sys.stderr)
-        return 2
-    try:
+        cfg = load_config(path, overrides).check_files()
         result = train(cfg)
-    except (ConfigError, NonFiniteLossError) as e:
-        print(f"refit-fast train: {e}", file=sys.stderr)
+    except known as e:
+        print(f"refit-fast train: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
         _destroy_process_group()
@@ -55,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: {len(result.losses)} steps, last loss {result.losses[-1]:.4f}; "
               f"final model: {result.final_model_path or '(not saved)'}")
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (a data report's lines joined by '; ')."""
+    msg = ""
+    for line in (x.strip() for x in str(e).splitlines()):
+        if line:
+            msg += (line if not msg else (" " if msg.endswith(":") else "; ") + line)
+    return msg or type(e).__name__
 
 
 def _destroy_process_group() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -131,7 +132,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     cpu_threads: int = 0  # torch threads on CPU; 0: auto (1 for models < 20M parameters, else torch's default)
     distributed: str = "ddp"  # ddp | fsdp  (only used under torchrun with WORLD_SIZE > 1)
-    resume: bool = False  # continue from the latest checkpoint in output_dir
+    # true: continue from the latest checkpoint in output_dir; false: start fresh; force: continue
+    # even where the checkpoint's recorded settings differ from this run's (the trainer's checks
+    # that stop a plain resume=true become warnings)
+    resume: bool | str = False
     overwrite: bool = False  # delete checkpoints already in output_dir (else they stop a fresh run)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -210,11 +214,11 @@ class TrainConfig:
         need(_is_int(b.grad_accum) and b.grad_accum >= 1, "batch.grad_accum", f"must be an integer >= 1, got {b.grad_accum!r}")
         need(b.strategy in ("bfd", "ffs"), "batch.strategy", f"must be bfd or ffs, got {b.strategy!r}")
         need(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps", f"must be an integer >= 1 or null, got {self.steps!r}")
-        need(isinstance(self.epochs, (int, float)) and self.epochs > 0, "epochs", f"must be > 0, got {self.epochs!r}")
+        need(_num(self.epochs) and self.epochs > 0, "epochs", f"must be > 0, got {self.epochs!r}")
         need(_is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
         o = self.optim
         need(o.name in ("adamw", "sgd"), "optim.name", f"must be adamw or sgd, got {o.name!r}")
-        need(_num(o.lr) and o.lr >= 0, "optim.lr", f"must be a number >= 0, got {o.lr!r}")
+        need(_num(o.lr) and o.lr >= 0, "optim.lr", f"must be a finite number >= 0, got {o.lr!r}")
         need(_num(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio!r}")
         need(_is_int(o.warmup_steps) and o.warmup_steps >= 0, "optim.warmup_steps", f"must be an integer >= 0, got {o.warmup_steps!r}")
         need(_num(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay!r}")
@@ -244,7 +248,30 @@ class TrainConfig:
         for key in ("progress", "tensorboard"):
             v = getattr(self.log, key)
             need(v in ("auto", "true", "false"), f"log.{key}", f"must be auto, true or false, got {v!r}")
+        need(self.resume in (True, False, "force"), "resume", f"must be true, false or force, got {self.resume!r}")
         need(bool(self.output_dir), "output_dir", "is missing")
+        need(not os.path.isfile(str(self.output_dir)), "output_dir",
+             f"{self.output_dir!r} is a file, not a directory{_resolved(self.output_dir)}")
+        return self
+
+    def check_files(self) -> "TrainConfig":
+        """Check that every data.path file exists, is a file and is not empty (``ConfigError`` naming
+        the key, the path and the directory a relative path was resolved against); rows given in
+        memory are not checked. :meth:`validate` leaves the data files alone, so that a config can be
+        built before its data is written; ``refit-fast train`` calls both."""
+        p = self.data.path
+        paths = [p] if isinstance(p, (str, os.PathLike)) else p if isinstance(p, (list, tuple)) else []
+        for i, path in enumerate(paths):
+            if not isinstance(path, (str, os.PathLike)):
+                continue  # in-memory rows
+            key = "data.path" if isinstance(p, (str, os.PathLike)) else f"data.path[{i}]"
+            path = os.fspath(path)
+            if not os.path.exists(path):
+                raise ConfigError(f"config {key}: {path!r} does not exist{_resolved(path)}")
+            if not os.path.isfile(path):
+                raise ConfigError(f"config {key}: {path!r} is a directory, not a JSONL file{_resolved(path)}")
+            if os.path.getsize(path) == 0:
+                raise ConfigError(f"config {key}: {path!r} is empty (no conversation to train on)")
         return self
 
 
@@ -261,8 +288,16 @@ def load_config(path_or_dict, overrides: list[str] | dict | None = None) -> Trai
     if isinstance(path_or_dict, (str, os.PathLike)):
         import yaml
 
-        with open(path_or_dict) as f:
-            d = yaml.safe_load(f) or {}
+        path = os.fspath(path_or_dict)
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist{_resolved(path)}")
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory, not a YAML file")
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path_or_dict}: the YAML must be a mapping at the top level")
     else:
@@ -278,7 +313,27 @@ def _is_int(x) -> bool:
 
 
 def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite real number (not a bool; 1e400 reads as inf and is refused, as is nan)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _resolved(path) -> str:
+    """' (resolved against CWD)' for a relative path: where the run looked for it."""
+    return "" if os.path.isabs(os.fspath(path)) else f" (resolved against {os.getcwd()})"
+
+
+def _yaml_problem(e) -> str:
+    """One line from a PyYAML error: the problem and where, e.g. 'mapping values are not allowed
+    here (line 2, column 7)'."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _deep_copy(d):
@@ -376,6 +431,13 @@ def _coerce(f: dataclasses.Field, value, key: str):
         return int(value)
     if isinstance(default, str) and isinstance(value, bool):
         return "true" if value else "false"  # log.progress: true
+    if ann == "bool | str" and isinstance(value, str):  # resume: true | false | force
+        v = value.strip().lower()
+        if v in ("true", "false", "1", "0", "yes", "no"):
+            return v in ("true", "1", "yes")
+        if v == "force":
+            return "force"
+        raise ConfigError(f"config {key}: expected true, false or force, got {value!r}")
     if ann == "bool" and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.lower() in ("true", "1", "yes")
     if ann == "bool" and not isinstance(value, bool):

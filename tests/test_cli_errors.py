@@ -1,0 +1,92 @@
+"""`refit-fast train` on a bad config, data file or output folder: one `refit-fast train: ...` line on
+stderr and exit 1 (no traceback); a real bug keeps its traceback. Issue #12, items 10, 12, 14."""
+import json
+import os
+
+import pytest
+
+from refit_fast.train.cli import main
+from refit_fast.train.config import ConfigError, load_config
+from refit_fast.train.loop import NonFiniteLossError
+
+from test_train import MODEL, write_data
+
+
+def _yaml(tmp_path, data, extra=""):
+    model = json.dumps(MODEL)
+    p = tmp_path / "run.yaml"
+    p.write_text(f"algorithm: sft\ndata: {data}\ntokenizer: word\nmodel:\n  config: {model}\n"
+                 "batch: {max_tokens: 96}\nsteps: 1\nlog: {quiet: true, progress: false, tensorboard: false}\n" + extra)
+    return str(p)
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refit-fast train: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_user_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = write_data(tmp_path / "d.jsonl", n=6)
+    cfg = _yaml(tmp_path, data)
+    out = f"output_dir={tmp_path / 'out'}"
+    (tmp_path / "bad.yaml").write_text("algorithm: sft\n  data: [\n")
+    assert "bad.yaml: not valid YAML" in _one_line_error(capsys, [str(tmp_path / "bad.yaml")])
+    assert "line 2" in _one_line_error(capsys, [str(tmp_path / "bad.yaml")])
+    err = _one_line_error(capsys, ["nope.yaml"])
+    assert "'nope.yaml' does not exist" in err and str(tmp_path) in err
+    # a missing data file: named, with the directory a relative path was resolved against
+    err = _one_line_error(capsys, [cfg, "data=missing.jsonl", out])
+    assert "data.path" in err and "'missing.jsonl' does not exist" in err and f"resolved against {tmp_path}" in err
+    err = _one_line_error(capsys, [cfg, f"data=[{data}, missing.jsonl]", out])
+    assert "data.path[1]" in err and "missing.jsonl" in err
+    (tmp_path / "adir").mkdir()
+    assert "'adir' is a directory" in _one_line_error(capsys, [cfg, "data=adir", out])
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "'empty.jsonl' is empty" in _one_line_error(capsys, [cfg, "data=empty.jsonl", out])
+    (tmp_path / "blank.jsonl").write_text("\n\n")  # not empty on disk, no row: the trainer says so
+    assert "no usable conversation" in _one_line_error(capsys, [cfg, "data=blank.jsonl", out])
+    (tmp_path / "afile").write_text("x")
+    err = _one_line_error(capsys, [cfg, "output_dir=afile"])
+    assert "output_dir" in err and "'afile' is a file" in err
+    for over, key in [("optim.lr=1e400", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("epochs=.inf", "epochs"),
+                      ("objective.swift_eps=1e999", "objective.swift_eps"), ("optim.betas=[0.9, .nan]", "optim.betas")]:
+        err = _one_line_error(capsys, [cfg, over, out])
+        assert f"config {key}:" in err, (over, err)
+    # data.overlong=error (raised by the trainer as a ValueError)
+    err = _one_line_error(capsys, [cfg, "data.overlong=error", "batch.max_tokens=8", out])
+    assert "max_tokens" in err
+    assert not os.path.exists(tmp_path / "out" / "final")
+
+
+def test_non_finite_loss_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    import refit_fast.train.loop as loop
+
+    cfg = _yaml(tmp_path, write_data(tmp_path / "d.jsonl", n=6))
+
+    def diverge(cfg):
+        raise NonFiniteLossError(3, "the loss", float("nan"), None)
+
+    monkeypatch.setattr(loop, "train", diverge)
+    assert "step 3: the loss is nan" in _one_line_error(capsys, [cfg])
+
+    def bug(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(loop, "train", bug)
+    with pytest.raises(KeyError):
+        main([cfg])
+
+
+def test_resume_accepts_true_false_and_force(tmp_path):
+    d = {"data": "x.jsonl", "model": {"config": {}}}
+    assert load_config(d).resume is False
+    for value, want in [("true", True), ("false", False), ("force", "force"), ("Force", "force"), ("yes", True)]:
+        assert load_config(d, [f"resume={value}"]).resume == want, value
+    assert load_config({**d, "resume": "force"}).resume == "force"
+    assert load_config({**d, "resume": True}).resume is True
+    for bad in ("maybe", "2", "[]"):
+        with pytest.raises(ConfigError, match="resume"):
+            load_config(d, [f"resume={bad}"])
