@@ -373,13 +373,13 @@ def test_load_tokenized_one_report_and_options(tmp_path, tok):
 
 def test_validate_cli(tmp_path, tok, capsys):
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD, BAD_LINES["non_finite_reward"], *map(json.dumps, random_rows(20))])
-    assert validate.main([str(path)]) == 0
+    assert validate.main([str(path)]) == 1  # a row was skipped
     out = capsys.readouterr().out
     assert "22 rows: 21 kept, 1 skipped" in out and "non_finite_reward: 1" in out and "c.jsonl:2" in out
     assert "reward: mean" in out and "characters: mean" in out and "tokens" not in out
 
     tok.save_pretrained(tmp_path / "tok")
-    assert validate.main([str(path), "--tokenizer", str(tmp_path / "tok"), "--no-progress"]) == 0
+    assert validate.main([str(path), "--tokenizer", str(tmp_path / "tok"), "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "tokens: mean" in out and "trained tokens: mean" in out and "total tokens:" in out
 

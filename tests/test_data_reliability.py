@@ -71,3 +71,51 @@ def test_empty_pretokenized_row_has_its_own_reason():
     convs, report = load_conversations(rows)
     assert len(convs) == 1 and report.skipped == {"empty_tokens": 2}
     assert "dataset[0]: input_ids is empty" in report.summary()
+
+
+def _truncated_gz(tmp_path, n=2000):
+    rows = [{**GOOD, "id": f"c{i}", "pad": "x" * (i % 97)} for i in range(n)]
+    full = tmp_path / "full.jsonl.gz"
+    with gzip.open(full, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    data = full.read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def test_truncated_gzip_keeps_rows_before_and_reports_where(tmp_path, tok, capsys):
+    cut = _truncated_gz(tmp_path)
+    convs, report = load_conversations(cut)
+    assert 0 < len(convs) < 2000 and report.skipped.get("read_error") == 1
+    assert [c.id for c in convs] == [f"c{i}" for i in range(len(convs))]  # every row before the break
+    (ex,) = report.examples["read_error"]
+    assert ex.startswith(f"{cut}:") and "EOFError" in ex
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: cannot read past line") as e:
+        load_conversations(cut, strict=True)
+    assert isinstance(e.value, ValueError) and e.value.reason == "read_error"
+    # the validate command reports it and exits 1, no traceback; load_tokenized too
+    assert validate.main([str(cut)]) == 1
+    assert "read_error: 1" in capsys.readouterr().out
+    out, report = load_tokenized(cut, tok, progress=False)
+    assert len(out) == len(convs) and report.skipped.get("read_error") == 1
+    # a file that is not gzip at all
+    bad = tmp_path / "plain.jsonl.gz"
+    bad.write_text(json.dumps(GOOD) + "\n")
+    convs, report = load_conversations(bad)
+    assert convs == [] and report.skipped == {"read_error": 1} and f"{bad}:1" in report.summary()
+
+
+def test_validate_exit_code_and_real_json_columns(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD, GOOD])
+    assert validate.main([str(good)]) == 0
+    capsys.readouterr()
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, '{"messages": [], "reward": 1,}', '{"a": 1} x', GOOD])
+    assert validate.main([str(bad)]) == 1  # rows were skipped
+    out = capsys.readouterr().out
+    assert "bad.jsonl:2: malformed JSON at column 30" in out  # the trailing comma's position, not column 1
+    assert "bad.jsonl:3: malformed JSON at column 10: Extra data" in out
+    with pytest.raises(SystemExit):
+        validate.main(["--help"])
+    assert "exit status: 0 every row usable; 1 any row skipped" in " ".join(capsys.readouterr().out.split())

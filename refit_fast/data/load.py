@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Real
@@ -106,7 +107,8 @@ def load_conversations(
     `source`: a path (`.jsonl`, or `.jsonl.gz`), a list of paths, or rows already in memory (a
     `datasets.Dataset` or any iterable of dicts; `datasets` itself is never imported). Keys are
     configurable (`messages_key`, `reward_key`, `id_key`, `group_key`); roles outside `roles` are
-    errors. Rows without an id get `file.jsonl:LINE` (or `dataset[i]`). A group (optional) must be a
+    errors. A file that cannot be read to its end (a truncated `.jsonl.gz`) keeps the rows read
+    before the break and adds one `read_error` problem located at the line it could not read. Rows without an id get `file.jsonl:LINE` (or `dataset[i]`). A group (optional) must be a
     string or an integer (kept as its string, like ids: 1 and "1" are the same group). Blank lines are not rows. In the default
     mode bad rows are skipped and counted in the report; `strict=True` raises `DataError` (a
     `ValueError` whose message starts with `file:line`) at the first bad row.
@@ -158,7 +160,21 @@ def _jsonl_rows(path: str, report: ValidationReport) -> Iterator[tuple[str, str,
     name = os.path.basename(path)
     # Binary lines: a line with bad UTF-8 is one malformed row, not a crash of the whole read.
     with opener(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except (EOFError, OSError, zlib.error) as e:
+                # A truncated or corrupt .gz (or a failing disk): the rows read so far are kept and
+                # the failure is one located problem (`read_error`), not a traceback.
+                report.total += 1
+                report.problem("read_error", f"{path}:{lineno + 1}",
+                               f"cannot read past line {lineno} ({type(e).__name__}: {e}); "
+                               f"the {lineno} lines before are kept (truncated file?)")
+                return
+            if not line:
+                return
+            lineno += 1
             if not line.strip():
                 continue
             report.total += 1

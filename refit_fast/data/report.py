@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 # Reason codes (stable: tests and users match on them) and their one-line meaning.
 REASONS = {
     "malformed_json": "line is not valid JSON",
+    "read_error": "the file could not be read past this line (truncated or corrupt .gz); rows before it kept",
     "not_an_object": "row is not a JSON object",
     "missing_messages": "no messages field",
     "bad_messages": "messages is not a list of {role, content} objects",

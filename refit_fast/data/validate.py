@@ -3,6 +3,9 @@
     refit-fast validate logs.jsonl                       # rows, rewards, messages, characters
     refit-fast validate logs.jsonl --tokenizer ./tok     # plus token lengths and trained tokens
     refit-fast validate logs.jsonl --strict              # exit 1 at the first bad row, with its line
+
+Exit status: 0 when every row is usable; 1 when any row was skipped (or a bad row in --strict mode,
+or no usable row); 2 when a file cannot be opened. Warnings (kept rows) do not change it.
 """
 from __future__ import annotations
 
@@ -24,13 +27,18 @@ def _describe(name: str, values) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the validator; returns the exit code (0 ok, 1 a problem in strict mode or no usable row).
+    """Run the validator; returns the exit code: 0 every row usable, 1 any row skipped (the report says
+    which and where; in strict mode the first bad row) or no usable row, 2 a file cannot be opened.
 
     Example:
         >>> main(["logs.jsonl", "--reward-key", "score"])  # doctest: +SKIP
         0
     """
-    p = argparse.ArgumentParser(prog="refit-fast validate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="refit-fast validate", description=__doc__.split("\n")[0],
+        epilog="exit status: 0 every row usable; 1 any row skipped (see the report), a bad row with --strict, "
+               "or no usable row; 2 a file cannot be opened. Warnings do not change it.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="conversations JSONL (.jsonl or .jsonl.gz)")
     p.add_argument("--tokenizer", metavar="PATH", help="local tokenizer folder (AutoTokenizer; never downloads)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row and exit 1")
@@ -87,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
         print(_describe(label, lengths))
         print(_describe("trained tokens", trained))
         print(f"total tokens: {sum(lengths)}  trained: {sum(trained)} ({sum(trained) / max(1, sum(lengths)):.1%})")
-    return 0 if len(rewards) else 1
+    return 0 if len(rewards) and report.ok else 1
