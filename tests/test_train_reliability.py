@@ -48,3 +48,22 @@ def test_rng_state_files_of_older_checkpoints_still_load(tmp_path):
     np.random.seed(4)
     ckpt_mod.restore_rng(ckpt_mod.load_rng(str(tmp_path), rank=1))  # rank 1 falls back to rank 0's file
     assert np.random.rand() == expected
+
+
+@pytest.mark.parametrize("broken", ["data.path", "model.init_from"])
+def test_overwrite_with_a_bad_input_keeps_the_previous_run(tmp_path, broken):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run")
+    train(cfg)
+    before = {name: os.path.getsize(os.path.join(cfg.output_dir, name)) for name in ("metrics.jsonl", "config.yaml")}
+    checkpoints = ckpt_mod.list_checkpoints(cfg.output_dir)
+    if broken == "data.path":
+        bad = cfg.replace(overwrite=True, **{"data.path": str(tmp_path / "typo.jsonl")})
+    else:  # a folder that exists but holds no model
+        os.makedirs(tmp_path / "empty")
+        bad = cfg.replace(overwrite=True, **{"model.init_from": str(tmp_path / "empty")})
+    with pytest.raises(Exception):
+        train(bad)
+    assert ckpt_mod.list_checkpoints(cfg.output_dir) == checkpoints
+    assert {name: os.path.getsize(os.path.join(cfg.output_dir, name)) for name in before} == before
+    assert train(cfg.replace(resume=True)).steps_run == []  # still resumable: it was complete

@@ -112,7 +112,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     amp_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     out_dir = cfg.output_dir
-    _prepare_output_dir(cfg, env)
+    _check_output_dir(cfg)  # nothing is deleted until the data, model and plan are known to be good
 
     # ---- data and tokenizer ----
     convs, tokenizer, report = _load_data(cfg)
@@ -158,6 +158,9 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     lm = PackedCausalLM(model)
     ref = _reference_logps(lm, schedule, pairs, env, autocast) if pairs is not None else None
     model.train()
+
+    # ---- output_dir: now that the run can start, clear (overwrite) or check (resume) what is there ----
+    _prepare_output_dir(cfg, env)
 
     # ---- resume: weights before wrapping, optimizer and RNG after ----
     start_step, resume_from = 0, None
@@ -303,7 +306,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
 # ------------------------------------------------------------------------------------------------
 
 
-def _prepare_output_dir(cfg: TrainConfig, env) -> None:
+def _check_output_dir(cfg: TrainConfig) -> None:
     out = cfg.output_dir
     existing = ckpt.list_checkpoints(out)  # every rank checks, so every rank raises the same error
     if existing and not cfg.resume and not cfg.overwrite:
@@ -311,6 +314,14 @@ def _prepare_output_dir(cfg: TrainConfig, env) -> None:
             f"output_dir {out} already holds {existing[-1][1]}; pass resume=true to continue it, "
             "overwrite=true to start over, or use a new output_dir"
         )
+
+
+def _prepare_output_dir(cfg: TrainConfig, env) -> None:
+    """Called once the data, model and step plan are known to be good, so a bad data path or model
+    never costs the previous run: only then does overwrite=true delete its checkpoints and metrics."""
+    out = cfg.output_dir
+    _check_output_dir(cfg)
+    existing = ckpt.list_checkpoints(out)
     if env.is_main:
         os.makedirs(out, exist_ok=True)
         if existing and not cfg.resume:
