@@ -119,3 +119,29 @@ def test_validate_exit_code_and_real_json_columns(tmp_path, capsys):
     with pytest.raises(SystemExit):
         validate.main(["--help"])
     assert "exit status: 0 every row usable; 1 any row skipped" in " ".join(capsys.readouterr().out.split())
+
+
+def test_huge_line_is_too_long_fast_and_located(tmp_path, tok):
+    huge = json.dumps(chat(("user", "hi"), ("assistant", "hello " * 3_500_000)))  # ~21 MB
+    path = write_jsonl(tmp_path / "h.jsonl", [GOOD, huge, GOOD])
+    t0 = time.perf_counter()
+    out, report = load_tokenized(path, tok, max_tokens=4096, progress=False)
+    dt = time.perf_counter() - t0
+    assert len(out) == 2 and report.skipped == {"too_long": 1} and "h.jsonl:2" in report.summary()
+    assert "not parsed" in report.summary()
+    assert dt < 2, dt
+    # A line small enough to parse but with too many characters: refused before tokenizing.
+    convs, report = load_conversations(path)  # no max_tokens: parsed
+    assert len(convs) == 3
+    for overflow in ("skip", "truncate"):
+        t0 = time.perf_counter()
+        out, report = tokenize_conversations(convs, tok, max_tokens=4096, overflow=overflow, progress=False)
+        assert time.perf_counter() - t0 < 2
+        assert len(out) == 2 and report.skipped == {"too_long": 1}
+        assert "h.jsonl:2" in report.summary() and "not tokenized" in report.summary()
+    with pytest.raises(DataError, match=r"h\.jsonl:2: "):
+        load_tokenized(path, tok, max_tokens=4096, progress=False, strict=True)
+    # the bound is generous: 64 characters per token
+    ok = [{**GOOD, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 20}]}]
+    out, report = tokenize_conversations(load_conversations(ok)[0], tok, max_tokens=125, progress=False)
+    assert len(out) == 1 and report.ok

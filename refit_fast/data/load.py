@@ -30,6 +30,23 @@ from refit_fast.data.report import ValidationReport
 
 DEFAULT_ROLES = ("system", "user", "assistant")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # rewards are trained in float32
+
+# Length bounds checked before the expensive steps (json.loads, the chat template, the tokenizer).
+# No tokenizer we support averages more than MAX_CHARS_PER_TOKEN characters per token on real text
+# (BPE/SentencePiece vocabularies average 3-5 on prose and code; their longest pieces are runs of
+# ~100 spaces or dashes; the word tokenizer maps a word to one token but words are short). So a
+# conversation whose message contents hold more than MAX_CHARS_PER_TOKEN * max_tokens characters is
+# reported as `too_long` without tokenizing it (a 100 MB line used to take minutes and 15 GB).
+# A raw JSON line spells one character in at most 12 bytes (a \uXXXX surrogate pair), so a line of
+# more than 12 * MAX_CHARS_PER_TOKEN * max_tokens + MAX_LINE_SLACK bytes (the slack for keys and
+# other fields) is `too_long` before it is even parsed, and is never read into memory whole.
+MAX_CHARS_PER_TOKEN = 64
+MAX_LINE_SLACK = 1 << 20
+
+
+def max_line_bytes(max_tokens: int | None) -> int | None:
+    """The raw JSONL line length (bytes) beyond which a row cannot fit in `max_tokens` tokens."""
+    return None if max_tokens is None else 12 * MAX_CHARS_PER_TOKEN * max_tokens + MAX_LINE_SLACK
 TRAINED_ROLE = "assistant"
 
 
@@ -100,6 +117,7 @@ def load_conversations(
     group_key: str = "group",
     roles: Iterable[str] = DEFAULT_ROLES,
     strict: bool = False,
+    max_tokens: int | None = None,
     report: ValidationReport | None = None,
 ) -> tuple[list[Conversation], ValidationReport]:
     """Read and validate conversations; return the good ones and a report of the rest.
@@ -108,7 +126,9 @@ def load_conversations(
     `datasets.Dataset` or any iterable of dicts; `datasets` itself is never imported). Keys are
     configurable (`messages_key`, `reward_key`, `id_key`, `group_key`); roles outside `roles` are
     errors. A file that cannot be read to its end (a truncated `.jsonl.gz`) keeps the rows read
-    before the break and adds one `read_error` problem located at the line it could not read. Rows without an id get `file.jsonl:LINE` (or `dataset[i]`). A group (optional) must be a
+    before the break and adds one `read_error` problem located at the line it could not read.
+    With `max_tokens`, a JSONL line longer than `max_line_bytes(max_tokens)` bytes (a row that
+    cannot fit, see `MAX_CHARS_PER_TOKEN`) is `too_long` without being parsed or held in memory. Rows without an id get `file.jsonl:LINE` (or `dataset[i]`). A group (optional) must be a
     string or an integer (kept as its string, like ids: 1 and "1" are the same group). Blank lines are not rows. In the default
     mode bad rows are skipped and counted in the report; `strict=True` raises `DataError` (a
     `ValueError` whose message starts with `file:line`) at the first bad row.
@@ -125,7 +145,7 @@ def load_conversations(
     roles = frozenset(roles)
     out: list[Conversation] = []
     seen_ids: set[str] = set()
-    for location, default_id, row in _rows(source, report):
+    for location, default_id, row in _rows(source, report, max_line_bytes(max_tokens)):
         conv = _parse_row(row, location, default_id, report, messages_key, reward_key, id_key, group_key, roles)
         if conv is None:
             continue
@@ -136,7 +156,7 @@ def load_conversations(
     return out, report
 
 
-def _rows(source, report: ValidationReport) -> Iterator[tuple[str, str, object]]:
+def _rows(source, report: ValidationReport, line_limit: int | None = None) -> Iterator[tuple[str, str, object]]:
     """Yield (location, default id, parsed row); malformed JSON lines are reported here."""
     if isinstance(source, (str, os.PathLike)):
         source = [source]
@@ -147,7 +167,7 @@ def _rows(source, report: ValidationReport) -> Iterator[tuple[str, str, object]]
     items = source if isinstance(source, (list, tuple)) else None
     if items is not None and items and all(isinstance(p, (str, os.PathLike)) for p in items):
         for path in items:
-            yield from _jsonl_rows(os.fspath(path), report)
+            yield from _jsonl_rows(os.fspath(path), report, line_limit)
         return
     # In-memory rows (a datasets.Dataset iterates as dicts).
     for i, row in enumerate(source):
@@ -155,7 +175,7 @@ def _rows(source, report: ValidationReport) -> Iterator[tuple[str, str, object]]
         yield f"dataset[{i}]", f"row{i}", row
 
 
-def _jsonl_rows(path: str, report: ValidationReport) -> Iterator[tuple[str, str, object]]:
+def _jsonl_rows(path: str, report: ValidationReport, line_limit: int | None = None) -> Iterator[tuple[str, str, object]]:
     opener = gzip.open if path.endswith(".gz") else open
     name = os.path.basename(path)
     # Binary lines: a line with bad UTF-8 is one malformed row, not a crash of the whole read.
@@ -163,7 +183,13 @@ def _jsonl_rows(path: str, report: ValidationReport) -> Iterator[tuple[str, str,
         lineno = 0
         while True:
             try:
-                line = f.readline()
+                line = f.readline() if line_limit is None else f.readline(line_limit + 1)
+                over = line_limit is not None and len(line) > line_limit and not line.endswith(b"\n")
+                if over:  # skip the rest of the line without holding it
+                    n = len(line)
+                    while line and not line.endswith(b"\n"):
+                        line = f.readline(1 << 20)
+                        n += len(line)
             except (EOFError, OSError, zlib.error) as e:
                 # A truncated or corrupt .gz (or a failing disk): the rows read so far are kept and
                 # the failure is one located problem (`read_error`), not a traceback.
@@ -172,9 +198,14 @@ def _jsonl_rows(path: str, report: ValidationReport) -> Iterator[tuple[str, str,
                                f"cannot read past line {lineno} ({type(e).__name__}: {e}); "
                                f"the {lineno} lines before are kept (truncated file?)")
                 return
-            if not line:
+            if not line and not over:
                 return
             lineno += 1
+            if over:
+                report.total += 1
+                report.problem("too_long", f"{path}:{lineno}", f"line of {n} bytes > {line_limit} (no row of max_tokens="
+                               f"{(line_limit - MAX_LINE_SLACK) // (12 * MAX_CHARS_PER_TOKEN)} tokens is that long); not parsed")
+                continue
             if not line.strip():
                 continue
             report.total += 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refit_fast.data.load import Conversation, load_conversations
+from refit_fast.data.load import MAX_CHARS_PER_TOKEN, Conversation, load_conversations
 from refit_fast.data.report import ValidationReport
 from refit_fast.data.tokenizer import build_word_tokenizer  # noqa: F401  (the doctests use it)
 
@@ -69,6 +69,11 @@ def tokenize_conversations(
     against the vocabulary. `progress` shows a tqdm bar. Rendering and tokenizing go in batches
     of `batch_size` conversations (the fast tokenizer encodes a batch in one call).
 
+    With `max_tokens`, a conversation whose message contents hold more than
+    `MAX_CHARS_PER_TOKEN * max_tokens` characters (64 per token: no supported tokenizer averages
+    more on real text) is `too_long` before it is rendered or tokenized, with either `overflow`
+    (far too long to be worth truncating; tokenizing it could take minutes and gigabytes).
+
     Turn boundaries come from rendered prefixes and must satisfy the prefix property. With a fast
     tokenizer a boundary is settled from the conversation's token offsets when the prefix is a
     character prefix ending exactly at a token end (the common case, one tokenization per
@@ -98,12 +103,16 @@ def tokenize_conversations(
     vocab = len(tokenizer)
     enc = _ChatEncoder(tokenizer, template)
 
+    char_limit = None if max_tokens is None else MAX_CHARS_PER_TOKEN * max_tokens
+
     from tqdm.auto import tqdm
 
     out: list[TokenizedConversation] = []
     with tqdm(total=len(conversations), disable=not progress, unit="conv", desc="tokenizing", mininterval=0.5) as bar:
         for lo in range(0, len(conversations), batch_size):
             chunk = conversations[lo : lo + batch_size]
+            if char_limit is not None:
+                chunk = [c for c in chunk if not _too_many_chars(c, char_limit, max_tokens, report)]
             pairs = _tokenize_chunk(chunk, enc, report, exact_prefix)
             for conv, pair in zip(chunk, pairs):
                 if pair is None:
@@ -111,7 +120,7 @@ def tokenize_conversations(
                 t = _finish(conv, *pair, vocab, max_tokens, overflow, report)
                 if t is not None:
                     out.append(t)
-            bar.update(len(chunk))
+            bar.update(min(batch_size, len(conversations) - lo))
     return out, report
 
 
@@ -121,13 +130,13 @@ def load_tokenized(source, tokenizer, **opts) -> tuple[list[TokenizedConversatio
     Options are split by name between the two (`messages_key`, `reward_key`, `id_key`, `group_key`, `roles` go to
     loading; `max_tokens`, `overflow`, `progress`, `batch_size`, `chat_template`, `exact_prefix` to
     tokenization;
-    `strict` to both).
+    `strict` to both; `max_tokens` also to loading, which refuses impossibly long lines unparsed).
 
     Example:
         >>> data, report = load_tokenized("logs.jsonl", tokenizer, max_tokens=4096)  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
-    load_keys = {"messages_key", "reward_key", "id_key", "group_key", "roles"}
+    load_keys = {"messages_key", "reward_key", "id_key", "group_key", "roles", "max_tokens"}
     tok_keys = {"max_tokens", "overflow", "progress", "batch_size", "chat_template", "exact_prefix"}
     unknown = set(opts) - load_keys - tok_keys - {"strict"}
     if unknown:
@@ -374,6 +383,18 @@ def _tokenize_one_by_one(chunk, indices, enc, report, results, exact):
             continue
         results[i] = _tokenize_chunk([conv], enc, report, exact)[0]
     return results
+
+
+def _too_many_chars(conv, limit: int, max_tokens: int, report) -> bool:
+    """True (and reported `too_long`) when the contents alone cannot fit in max_tokens tokens."""
+    if conv.is_tokenized:
+        return False
+    n = sum(len(m["content"]) for m in conv.messages)
+    if n <= limit:
+        return False
+    report.problem("too_long", conv.location, f"{n} characters > {limit} = {MAX_CHARS_PER_TOKEN} per token x "
+                   f"max_tokens={max_tokens} (not tokenized)")
+    return True
 
 
 def _finish(conv, ids, mask, vocab, max_tokens, overflow, report) -> TokenizedConversation | None:

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         convs, report = load_conversations(
-            args.files, messages_key=args.messages_key, reward_key=args.reward_key, id_key=args.id_key, strict=args.strict
+            args.files, messages_key=args.messages_key, reward_key=args.reward_key, id_key=args.id_key, strict=args.strict,
+            max_tokens=args.max_tokens,
         )
         tokenized = None
         if args.tokenizer:
