@@ -90,3 +90,24 @@ def test_resume_accepts_true_false_and_force(tmp_path):
     for bad in ("maybe", "2", "[]"):
         with pytest.raises(ConfigError, match="resume"):
             load_config(d, [f"resume={bad}"])
+
+
+# ---- item 12: weighted_ce's seq_ids as a list or array, like rewards ----
+
+
+def test_weighted_ce_accepts_seq_ids_as_a_list_or_array():
+    import numpy as np
+    import torch
+
+    from refit_fast.ops.weighted_ce import weighted_ce
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 8), torch.randn(11, 8)
+    labels, rewards = torch.tensor([1, 2, 3]), [1.0, 0.2]
+    want = weighted_ce(hidden, weight, labels, torch.tensor([0, 0, 1]), rewards, impl="torch")
+    for seq_ids in ([0, 0, 1], np.array([0, 0, 1]), (0, 0, 1)):
+        got = weighted_ce(hidden, weight, labels, seq_ids, rewards, impl="torch")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for bad in ([0.0, 0.0, 1.0], [0, 1], [[0, 1], [2]], ["a", "b", "c"]):
+        with pytest.raises(ValueError, match="seq_ids"):
+            weighted_ce(hidden, weight, labels, bad, rewards, impl="torch")

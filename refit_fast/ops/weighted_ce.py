@@ -505,7 +505,8 @@ def weighted_ce(
             caller/packer); ``ignore_index`` marks untrained positions.
         seq_ids: hidden.shape[:-1] integers, the conversation of each token, in [0, B) on trained
             tokens (ignored tokens may hold anything, e.g. -1 on padding). None: each row of a
-            [B, T, D] input is a conversation; any other shape is one conversation.
+            [B, T, D] input is a conversation; any other shape is one conversation. A list or
+            array is moved to hidden's device, like rewards.
         rewards: [B] one finite reward per conversation (|r| <= 1e100; no gradient flows to it).
         bias: optional [V] output bias.
         standardize: False / None / "none", True / "batch", or "group" (above).
@@ -592,6 +593,11 @@ def weighted_ce(
         raise ValueError(f"weighted_ce: labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(lead)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"weighted_ce: labels must be an integer tensor, got {labels.dtype}")
+    if seq_ids is not None and not isinstance(seq_ids, torch.Tensor):  # a list / numpy array, like rewards
+        try:
+            seq_ids = torch.as_tensor(seq_ids, device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"weighted_ce: seq_ids must be integers of shape {tuple(lead)}: {e}") from None
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias), ("seq_ids", seq_ids)):
         if t is not None and t.device != device:
             raise ValueError(f"weighted_ce: {name} is on {t.device} but hidden is on {device}")
