@@ -1,6 +1,8 @@
 """The trainer under failure (issue #12): resume never runs code from a checkpoint, overwrite destroys
 nothing before the new run is known to start, a torn or full metrics file and a full disk end cleanly,
 a resume with changed settings is refused, and collectives have a bounded timeout."""
+import errno
+import json
 import os
 
 import numpy as np
@@ -11,6 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 from refit_fast.train import train
 from refit_fast.train import checkpoint as ckpt_mod
+from refit_fast.train import metrics as metrics_mod
 from test_train import adamw_config, write_data
 
 
@@ -67,3 +70,58 @@ def test_overwrite_with_a_bad_input_keeps_the_previous_run(tmp_path, broken):
     assert ckpt_mod.list_checkpoints(cfg.output_dir) == checkpoints
     assert {name: os.path.getsize(os.path.join(cfg.output_dir, name)) for name in before} == before
     assert train(cfg.replace(resume=True)).steps_run == []  # still resumable: it was complete
+
+
+def test_a_torn_last_metrics_line_is_skipped_on_resume(tmp_path):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run")
+    train(cfg, on_step=lambda m: m["step"] == 3)
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # the process died mid-line
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl: skipped 1 unreadable line"):
+        res = train(cfg.replace(resume=True))
+    assert res.steps_run == [4, 5, 6]
+    assert [json.loads(x)["step"] for x in open(path)] == [1, 2, 3, 4, 5, 6]
+
+
+def _no_space(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_during_a_checkpoint_stops_with_the_path_and_keeps_the_last_one(tmp_path, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run", **{"checkpoint.every": 2})
+    real_save = torch.save
+    monkeypatch.setattr(ckpt_mod.torch, "save", lambda obj, f, *a, **k: _no_space() if str(f).endswith(
+        os.path.join("checkpoint-4.tmp", "optimizer.pt")) else real_save(obj, f, *a, **k))
+    with pytest.raises(ckpt_mod.DiskFullError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "checkpoint-4.tmp/optimizer.pt" in msg and "checkpoint-2" in msg and "resume=true" in msg
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert not os.path.exists(os.path.join(cfg.output_dir, "checkpoint-4.tmp"))  # the space is given back
+    assert ckpt_mod.latest_checkpoint(cfg.output_dir).endswith("checkpoint-2")
+    assert train(cfg.replace(resume=True)).steps_run == [3, 4, 5, 6]
+
+
+def test_full_disk_during_metrics_leaves_no_torn_line(tmp_path, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run", **{"checkpoint.every": 2})
+    real_write = metrics_mod._write
+
+    def write(fd, data):
+        if b'"step": 4,' in data:  # half the line reaches the disk, then it is full
+            real_write(fd, data[: len(data) // 2])
+            _no_space()
+        return real_write(fd, data)
+
+    monkeypatch.setattr(metrics_mod, "_write", write)
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    with pytest.raises(ckpt_mod.DiskFullError, match=rf"^disk full while writing {path} .*checkpoint-2, is intact"):
+        train(cfg)
+    assert [json.loads(x)["step"] for x in open(path)] == [1, 2, 3]
+    monkeypatch.setattr(metrics_mod, "_write", real_write)
+    assert train(cfg.replace(resume=True)).steps_run == [3, 4, 5, 6]
+    assert [json.loads(x)["step"] for x in open(path)] == [1, 2, 3, 4, 5, 6]

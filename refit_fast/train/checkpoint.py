@@ -18,6 +18,7 @@ Loading never runs code from a checkpoint: the ``.pt`` files are read with ``tor
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DiskFullError",
     "UnsafeCheckpointError",
+    "names_full_disk",
     "load_rng",
     "load_state",
     "quiet_transformers",
@@ -67,6 +70,37 @@ def latest_checkpoint(output_dir: str) -> str | None:
     """The path of the newest complete checkpoint, or None."""
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+class DiskFullError(OSError):
+    """The disk (or quota) filled while the trainer wrote ``path``; one line that names the file and,
+    when known, the last complete checkpoint, which is untouched."""
+
+    def __init__(self, path: str, reason: str = "No space left on device", last_checkpoint: str | None = None):
+        self.path, self.reason, self.last_checkpoint = path, reason, last_checkpoint
+        where = (f"the last complete checkpoint, {last_checkpoint}, is intact: free space and rerun with resume=true"
+                 if last_checkpoint else "free space and rerun")
+        super().__init__(f"disk full while writing {path} ({reason}); stopping the run; {where}")
+        self.errno = errno.ENOSPC
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.last_checkpoint)
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@contextlib.contextmanager
+def names_full_disk(path: str):
+    """Turn an ENOSPC / EDQUOT ``OSError`` raised inside the block into :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno in _FULL:
+            raise DiskFullError(path, e.strerror or str(e)) from e
+        raise
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -151,11 +185,50 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def save_pretrained_quietly(model, path: str, state_dict: dict | None = None) -> None:
-    """``model.save_pretrained(path)`` in safetensors, without the progress bar."""
+def save_pretrained_quietly(model, path: str, state_dict: dict | None = None, tokenizer=None) -> None:
+    """``model.save_pretrained(path)`` in safetensors, without the progress bar. With ``tokenizer``,
+    the saved ``generation_config`` stops at its end-of-turn token as well as at eos (see
+    :func:`set_generation_stop_tokens`)."""
     kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    if tokenizer is not None:
+        set_generation_stop_tokens(model, tokenizer)
     with quiet_transformers():
         model.save_pretrained(path, safe_serialization=True, **kwargs)
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token that ends an assistant turn in ``tokenizer``'s chat template (``<|end|>`` for
+    the word tokenizer, ``<|im_end|>`` for Qwen, ``<|eot_id|>`` for Llama 3): the first special token
+    after the assistant's content in a rendered one-turn conversation. None without a template or
+    when the content is followed by no special token."""
+    marker = "refitfastmarker"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # no chat template, or one that refuses this conversation
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    rest = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    for token, i in zip(tokenizer.convert_ids_to_tokens(rest), rest):
+        if token in special:
+            return int(i)
+    return None
+
+
+def set_generation_stop_tokens(model, tokenizer) -> None:
+    """``model.generation_config.eos_token_id = [eos, end_of_turn]`` (those the tokenizer has), so that
+    ``generate`` stops at the end of an assistant turn; pad_token_id from the tokenizer if unset."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    ids = [i for i in (tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)) if i is not None]
+    ids = list(dict.fromkeys(int(i) for i in ids))
+    if ids:
+        gen.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = int(tokenizer.pad_token_id)
 
 
 def _fsync_dir(path: str) -> None:
@@ -184,27 +257,14 @@ def save_checkpoint(output_dir: str, step: int, *, hf_model, model_state: dict |
     barrier = barrier or (lambda: None)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
+    try:
+        _write_tmp(tmp, rank, barrier, hf_model, model_state, optimizer_state, scheduler_state,
+                   dict(trainer_state, step=step, world_size=world_size))
+    except DiskFullError:
+        if rank == 0:  # give the space back; the previous checkpoint was never touched
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    barrier()
-    torch.save(capture_rng(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    if rank == 0:
-        save_pretrained_quietly(hf_model, tmp, model_state)
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler_state, os.path.join(tmp, "scheduler.pt"))
-    barrier()
-    if rank == 0:
-        state = dict(trainer_state, step=step, world_size=world_size)
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
         if os.path.exists(final):  # re-saving the same step: move the old one aside first
             old = final + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -218,6 +278,36 @@ def save_checkpoint(output_dir: str, step: int, *, hf_model, model_state: dict |
             shutil.rmtree(path, ignore_errors=True)
     barrier()
     return final if rank == 0 else None
+
+
+def _write_tmp(tmp, rank, barrier, hf_model, model_state, optimizer_state, scheduler_state, state) -> None:
+    """Every file of a checkpoint into ``tmp``, synced to disk; a full disk raises :class:`DiskFullError`."""
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        with names_full_disk(tmp):
+            os.makedirs(tmp)
+    barrier()
+    rng = os.path.join(tmp, f"rng-rank{rank}.pt")
+    with names_full_disk(rng):
+        torch.save(capture_rng(), rng)
+    if rank == 0:
+        with names_full_disk(tmp):
+            save_pretrained_quietly(hf_model, tmp, model_state)
+        for name, obj in (("optimizer.pt", optimizer_state), ("scheduler.pt", scheduler_state)):
+            with names_full_disk(os.path.join(tmp, name)):
+                torch.save(obj, os.path.join(tmp, name))
+    barrier()
+    if rank == 0:
+        path = os.path.join(tmp, STATE_FILE)
+        with names_full_disk(path), open(path, "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for name in os.listdir(tmp):
+            with names_full_disk(os.path.join(tmp, name)), open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:

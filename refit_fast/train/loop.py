@@ -39,7 +39,9 @@ from refit_fast.train.distributed import all_reduce_sum, barrier, setup_distribu
 from refit_fast.train.metrics import MetricsLogger, peak_memory_mb
 from refit_fast.train.objectives import PackedCausalLM, micro_batch_loss, sequence_logps, step_stats, swift_weights
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["DiskFullError", "NonFiniteLossError", "TrainResult", "train"]
+
+DiskFullError = ckpt.DiskFullError
 
 SMALL_MODEL = 20_000_000  # parameters; below this, CPU training uses one thread unless cpu_threads says otherwise
 
@@ -296,6 +298,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
         if cfg.checkpoint.save_final and (not result.steps_run or result.steps_run[-1] == schedule.total_steps):
             result.final_model_path = _save_final(cfg, env, lm, tokenizer)
             logger.print(f"saved the final model to {result.final_model_path}")
+    except ckpt.DiskFullError as e:  # one line: the file that did not fit, and the checkpoint to resume from
+        raise ckpt.DiskFullError(e.path, e.reason, result.last_checkpoint) from None
     finally:
         logger.close()
     return result
@@ -616,9 +620,14 @@ def _save_final(cfg, env, lm, tokenizer) -> str:
     if env.is_main:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.save_pretrained_quietly(unwrap(lm).model, tmp, model_state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        try:
+            with ckpt.names_full_disk(tmp):
+                ckpt.save_pretrained_quietly(unwrap(lm).model, tmp, model_state)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        except ckpt.DiskFullError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     barrier(env)

@@ -1,13 +1,19 @@
 """Observability: ``metrics.jsonl``, one dense log line every N steps, a tqdm bar, TensorBoard if installed.
 
 Only rank 0 logs. ``metrics.jsonl`` holds one JSON object per optimizer step; a resumed run first
-drops the lines after the step it resumes from, so the file always describes one history.
+drops the lines after the step it resumes from, so the file always describes one history. Each line
+is appended with one ``write`` of the whole line, and a write cut short (a full disk) is truncated
+away, so the file never ends in half a line; one left by a crash is skipped, with a warning, on resume.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import warnings
+
+from refit_fast.train.checkpoint import DiskFullError, names_full_disk
 
 __all__ = ["MetricsLogger", "format_line", "peak_memory_mb"]
 
@@ -61,6 +67,28 @@ def format_line(m: dict, total_steps: int) -> str:
     return " | ".join(parts)
 
 
+_write = os.write  # one place to simulate a full disk in tests
+
+
+def _readable_history(path: str, start_step: int) -> tuple[list[bytes], int]:
+    """The whole lines of ``path`` up to ``start_step``, and how many lines were unreadable (torn)."""
+    kept, bad = [], 0
+    with open(path, "rb") as f:
+        for line in f.read().split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                m = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if not isinstance(m, dict):
+                bad += 1
+            elif m.get("step", 0) <= start_step:
+                kept.append(line + b"\n")
+    return kept, bad
+
+
 def _flag(value: str, auto: bool) -> bool:
     return auto if value == "auto" else value == "true"
 
@@ -75,15 +103,21 @@ class MetricsLogger:
         self.every = 0 if quiet else every
         self.quiet = quiet
         self.file = self.bar = self.tb = None
+        self.skipped_lines = 0  # unreadable lines dropped from an earlier run's metrics.jsonl
         if not enabled:
             return
-        path = os.path.join(output_dir, "metrics.jsonl")
+        path = self.path = os.path.join(output_dir, "metrics.jsonl")
         if os.path.exists(path):
-            with open(path) as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-            with open(path, "w") as f:
+            lines, self.skipped_lines = _readable_history(path, start_step)
+            if self.skipped_lines:
+                warnings.warn(f"{path}: skipped {self.skipped_lines} unreadable line(s), the end of a write cut "
+                              "short by a crash or a full disk", RuntimeWarning, stacklevel=2)
+            tmp = path + ".tmp"
+            with names_full_disk(tmp), open(tmp, "wb") as f:  # replaced whole: a crash here loses nothing
                 f.writelines(lines)
-        self.file = open(path, "a")
+            os.replace(tmp, path)
+        with names_full_disk(path):
+            self.file = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if _flag(progress, sys.stderr.isatty()) and not quiet:
             from tqdm.auto import tqdm
 
@@ -100,8 +134,7 @@ class MetricsLogger:
     def log(self, m: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(m) + "\n")
-        self.file.flush()
+        self._append((json.dumps(m) + "\n").encode())
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=_si(m["tokens_per_s"]), refresh=False)
@@ -111,6 +144,21 @@ class MetricsLogger:
             for k, v in m.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, m["step"])
+
+    def _append(self, data: bytes) -> None:
+        """One write of the whole line; if the disk fills mid-line, the part written is cut off again."""
+        end = os.lseek(self.file, 0, os.SEEK_END)
+        try:
+            if _write(self.file, data) != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (short write)")
+        except OSError as e:
+            try:
+                os.ftruncate(self.file, end)
+            except OSError:
+                pass
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise DiskFullError(self.path, e.strerror or str(e)) from e
+            raise
 
     def print(self, text: str) -> None:
         if not self.enabled or self.quiet:
@@ -126,5 +174,5 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
         if self.file is not None:
-            self.file.close()
+            os.close(self.file)
         self.file = self.bar = self.tb = None
