@@ -111,3 +111,46 @@ def test_weighted_ce_accepts_seq_ids_as_a_list_or_array():
     for bad in ([0.0, 0.0, 1.0], [0, 1], [[0, 1], [2]], ["a", "b", "c"]):
         with pytest.raises(ValueError, match="seq_ids"):
             weighted_ce(hidden, weight, labels, bad, rewards, impl="torch")
+
+
+# ---- item 14: final/'s generation_config stops at the end of an assistant turn ----
+
+QWEN_STYLE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_end_of_turn_token_of_word_and_chat_template_tokenizers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from refit_fast.data import build_word_tokenizer
+    from refit_fast.model import build_model_from_config
+    from refit_fast.train.checkpoint import end_of_turn_token_id, save_pretrained_quietly
+
+    convs = [[{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "yes"}]]
+    tok = build_word_tokenizer(convs)
+    assert end_of_turn_token_id(tok) == tok.convert_tokens_to_ids("<|end|>")
+    qwen = build_word_tokenizer(convs, extra_tokens=["<|im_start|>", "<|im_end|>"])
+    qwen.chat_template = QWEN_STYLE
+    assert end_of_turn_token_id(qwen) == qwen.convert_tokens_to_ids("<|im_end|>")
+    qwen.chat_template = None
+    assert end_of_turn_token_id(qwen) is None
+
+    model = build_model_from_config({**MODEL, "vocab_size": len(tok)}, seed=0)
+    save_pretrained_quietly(model, str(tmp_path / "m"), tokenizer=tok)
+    gen = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).generation_config
+    assert gen.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+    assert gen.pad_token_id == tok.pad_token_id
+
+
+@pytest.mark.xfail(reason="needs refit_fast/train/loop.py _save_final to pass tokenizer=tokenizer to "
+                          "ckpt.save_pretrained_quietly (loop.py is another helper's, issue #12 item 14)")
+def test_final_model_generation_stops_at_end_of_turn(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _yaml(tmp_path, write_data(tmp_path / "d.jsonl", n=6))
+    assert main([cfg, f"output_dir={tmp_path / 'out'}"]) == 0
+    final = str(tmp_path / "out" / "final")
+    tok = AutoTokenizer.from_pretrained(final)
+    gen = AutoModelForCausalLM.from_pretrained(final).generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert tok.convert_tokens_to_ids("<|end|>") in eos and tok.eos_token_id in eos
