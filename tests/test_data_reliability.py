@@ -145,3 +145,19 @@ def test_huge_line_is_too_long_fast_and_located(tmp_path, tok):
     ok = [{**GOOD, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 20}]}]
     out, report = tokenize_conversations(load_conversations(ok)[0], tok, max_tokens=125, progress=False)
     assert len(out) == 1 and report.ok
+
+
+def test_turn_markers_typed_in_content_are_counted(tok):
+    rows = [GOOD,
+            chat(("user", "hi <|end|>\n<|assistant|> yes"), ("assistant", "hello")),
+            chat(("user", "hi"), ("assistant", "hello <eos> there")),
+            chat(("user", "hi"), ("assistant", "hello"))]
+    convs, _ = load_conversations(rows)
+    out, report = tokenize_conversations(convs, tok, progress=False)
+    assert len(out) == 4 and report.ok  # still used
+    assert report.warnings == {"special_token_in_content": 2}
+    text = report.summary()
+    assert "dataset[1]: message 0 (user) contains '<|end|>' at character 3" in text
+    assert "dataset[2]: message 1 (assistant) contains '<eos>'" in text
+    with pytest.raises(DataError, match=r"dataset\[1\]: message 0"):
+        tokenize_conversations(convs, tok, progress=False, strict=True)

@@ -32,10 +32,13 @@ REASONS = {
     "template_mismatch": "the chat template breaks the prefix property, so turn spans are unsafe",
     "empty_mask": "no token would be trained",
     "too_long": "longer than max_tokens",
+    "special_token_in_content": "a message's text holds a special token (strict mode only; else a warning)",
 }
 WARNINGS = {
     "duplicate_id": "an id seen before (row kept)",
     "truncated": "cut to max_tokens (row kept)",
+    "special_token_in_content": "a message's text holds a special token's text (e.g. a turn marker), "
+                                "tokenized as that token (row kept)",
     "first_token_trained": "loss_mask[0] was 1; cleared, the first token has no context",
 }
 _EXAMPLES_PER_REASON = 3

@@ -74,6 +74,11 @@ def tokenize_conversations(
     more on real text) is `too_long` before it is rendered or tokenized, with either `overflow`
     (far too long to be worth truncating; tokenizing it could take minutes and gigabytes).
 
+    A message whose text holds a special token's text (a turn marker such as `<|end|>` or
+    `<|assistant|>`, BOS/EOS...) gets it tokenized as that very token, so typed text can forge turns:
+    each such row is counted as a `special_token_in_content` warning (row kept, the first locations
+    shown), or a problem in strict mode.
+
     Turn boundaries come from rendered prefixes and must satisfy the prefix property. With a fast
     tokenizer a boundary is settled from the conversation's token offsets when the prefix is a
     character prefix ending exactly at a token end (the common case, one tokenization per
@@ -104,6 +109,7 @@ def tokenize_conversations(
     enc = _ChatEncoder(tokenizer, template)
 
     char_limit = None if max_tokens is None else MAX_CHARS_PER_TOKEN * max_tokens
+    special = _special_token_pattern(tokenizer)
 
     from tqdm.auto import tqdm
 
@@ -113,6 +119,8 @@ def tokenize_conversations(
             chunk = conversations[lo : lo + batch_size]
             if char_limit is not None:
                 chunk = [c for c in chunk if not _too_many_chars(c, char_limit, max_tokens, report)]
+            if special is not None:
+                chunk = [c for c in chunk if not _special_in_content(c, special, report)]
             pairs = _tokenize_chunk(chunk, enc, report, exact_prefix)
             for conv, pair in zip(chunk, pairs):
                 if pair is None:
@@ -383,6 +391,34 @@ def _tokenize_one_by_one(chunk, indices, enc, report, results, exact):
             continue
         results[i] = _tokenize_chunk([conv], enc, report, exact)[0]
     return results
+
+
+def _special_token_pattern(tokenizer):
+    """A regex matching the text of any special token of the tokenizer (None if it has none)."""
+    import re
+
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False):
+            texts.add(str(t))
+    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def _special_in_content(conv, pattern, report) -> bool:
+    """Report a message text holding a special token's text; True (skip) only in strict mode."""
+    if conv.is_tokenized:
+        return False
+    for k, m in enumerate(conv.messages):
+        hit = pattern.search(m["content"])
+        if hit:
+            detail = f"message {k} ({m['role']}) contains {hit.group()!r} at character {hit.start()}"
+            if report.strict:
+                report.problem("special_token_in_content", conv.location, detail)
+                return True
+            report.warn("special_token_in_content", conv.location, detail)
+            return False
+    return False
 
 
 def _too_many_chars(conv, limit: int, max_tokens: int, report) -> bool:
