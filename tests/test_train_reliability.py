@@ -125,3 +125,52 @@ def test_full_disk_during_metrics_leaves_no_torn_line(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics_mod, "_write", real_write)
     assert train(cfg.replace(resume=True)).steps_run == [3, 4, 5, 6]
     assert [json.loads(x)["step"] for x in open(path)] == [1, 2, 3, 4, 5, 6]
+
+
+def _fake_torchrun(monkeypatch, calls):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(dist, "init_process_group", lambda **k: calls.append(k))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+
+
+@pytest.mark.parametrize("env_value, seconds", [(None, 300.0), ("12.5", 12.5)])
+def test_the_collective_timeout_reaches_init_process_group(monkeypatch, env_value, seconds):
+    from refit_fast.train.distributed import setup_distributed
+
+    if env_value is None:
+        monkeypatch.delenv("REFIT_FAST_DIST_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("REFIT_FAST_DIST_TIMEOUT", env_value)
+    calls = []
+    _fake_torchrun(monkeypatch, calls)
+    env = setup_distributed("cpu")
+    assert (env.rank, env.world_size) == (1, 2)
+    assert [c["timeout"].total_seconds() for c in calls] == [seconds]
+
+
+def test_a_bad_timeout_and_a_timed_out_collective_say_so(monkeypatch):
+    import torch.distributed as dist
+
+    from refit_fast.train.distributed import DistTimeoutError, all_reduce_sum, setup_distributed
+
+    calls = []
+    _fake_torchrun(monkeypatch, calls)
+    monkeypatch.setenv("REFIT_FAST_DIST_TIMEOUT", "-1")
+    with pytest.raises(ValueError, match="REFIT_FAST_DIST_TIMEOUT='-1': expected a positive number"):
+        setup_distributed("cpu")
+    monkeypatch.setenv("REFIT_FAST_DIST_TIMEOUT", "7")
+    env = setup_distributed("cpu")
+
+    def hung(*a, **k):
+        raise dist.DistError("[../gloo/transport/tcp/pair.cc:534] Timed out waiting 7000ms for recv operation")
+
+    monkeypatch.setattr(dist, "all_reduce", hung)
+    with pytest.raises(DistTimeoutError, match=r"rank 1: an all-reduce did not complete within 7 s \(REFIT_FAST_DIST"):
+        all_reduce_sum(torch.zeros(1), env)

@@ -2,18 +2,20 @@
 
 Under ``torchrun --nproc_per_node=K`` the env vars RANK, WORLD_SIZE and LOCAL_RANK are set; the
 process group uses NCCL on CUDA and gloo on CPU. Without them everything runs in one process and no
-wrapper is used.
+wrapper is used. Collectives time out after ``REFIT_FAST_DIST_TIMEOUT`` seconds (default 300), so a
+stopped rank ends the others with a message instead of hanging them forever.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "setup_distributed", "wrap_model", "unwrap", "all_reduce_sum", "barrier"]
+__all__ = ["DistEnv", "DistTimeoutError", "collective_timeout", "setup_distributed", "wrap_model", "unwrap", "all_reduce_sum", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,46 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "REFIT_FAST_DIST_TIMEOUT"
+
+
+class DistTimeoutError(RuntimeError):
+    """A collective did not complete in time: another rank is stopped, dead or far behind."""
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The bound on every collective: ``REFIT_FAST_DIST_TIMEOUT`` seconds (a positive number), default 300."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+@contextlib.contextmanager
+def _bounded(what: str):
+    """Turn a collective's timeout (or a peer that went away) into one message saying what to check."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if isinstance(e, DistTimeoutError):
+            raise
+        text = str(e)
+        if not any(w in text.lower() for w in ("timeout", "timed out", "connection", "closed", "peer")):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise DistTimeoutError(
+            f"rank {rank}: {what} did not complete within {collective_timeout().total_seconds():g} s "
+            f"({TIMEOUT_ENV}): another rank is stopped, dead or much slower; stopping this one. "
+            f"({text.splitlines()[0] if text else type(e).__name__})") from e
 
 
 def setup_distributed(device: str = "auto") -> DistEnv:
@@ -56,19 +98,23 @@ def setup_distributed(device: str = "auto") -> DistEnv:
         return DistEnv(0, 1, 0, dev, None)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+        timeout = collective_timeout()
+        with _bounded("joining the process group"):
+            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None, timeout=timeout)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        dist.barrier()
+        with _bounded("a barrier"):
+            dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """In-place sum over ranks (no-op in one process)."""
     if env.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with _bounded("an all-reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
