@@ -4,6 +4,7 @@ a resume with changed settings is refused, and collectives have a bounded timeou
 import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-from refit_fast.train import train
+from refit_fast.train import ConfigError, train
 from refit_fast.train import checkpoint as ckpt_mod
 from refit_fast.train import metrics as metrics_mod
 from test_train import adamw_config, write_data
@@ -174,3 +175,54 @@ def test_a_bad_timeout_and_a_timed_out_collective_say_so(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", hung)
     with pytest.raises(DistTimeoutError, match=r"rank 1: an all-reduce did not complete within 7 s \(REFIT_FAST_DIST"):
         all_reduce_sum(torch.zeros(1), env)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"seed": 1}, "seed: 0 -> 1"),
+    ({"algorithm": "refit"}, "algorithm: 'swift' -> 'refit'"),
+    ({"batch.max_tokens": 96}, "batch.max_tokens: 64 -> 96"),
+    ({"optim.lr": 1e-3}, "optim.lr: 0.01 -> 0.001"),
+    ("data file", "data.path: "),
+    ("data contents", "data: a file's size or contents changed"),
+])
+def test_resume_with_changed_settings_is_refused(tmp_path, change, expected):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run")
+    train(cfg, on_step=lambda m: m["step"] == 3)
+    config_yaml = open(os.path.join(cfg.output_dir, "config.yaml")).read()
+    if change == "data file":
+        change = {"data.path": write_data(tmp_path / "other.jsonl", n=20, seed=1)}
+    elif change == "data contents":
+        write_data(tmp_path / "d.jsonl", n=20, seed=1)  # edited in place, same path
+        change = {}
+    with pytest.raises(ConfigError, match=r"resume: .*checkpoint-3 was trained with other settings \(.*" + re.escape(expected)):
+        train(cfg.replace(resume=True, **change))
+    assert open(os.path.join(cfg.output_dir, "config.yaml")).read() == config_yaml  # not overwritten
+
+
+def test_resume_force_accepts_changes_and_records_them(tmp_path):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run")
+    train(cfg, on_step=lambda m: m["step"] == 3)
+    forced = cfg.replace(resume=True, seed=5)
+    forced.resume = "force"  # what config.py parses from resume=force
+    res = train(forced)
+    assert res.steps_run == [4, 5, 6]
+    lines = [json.loads(x) for x in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[3]["resume_forced"] == ["seed: 0 -> 5"] and all("resume_forced" not in x for x in lines[4:])
+    # the new checkpoints record the new settings: resuming them with seed=5 is a plain resume
+    assert train(cfg.replace(resume=True, seed=5)).steps_run == []
+
+
+def test_resume_of_an_older_checkpoint_compares_config_yaml(tmp_path):
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    cfg = adamw_config(tmp_path, data, tmp_path / "run")
+    train(cfg, on_step=lambda m: m["step"] == 3)
+    state_file = os.path.join(ckpt_mod.latest_checkpoint(cfg.output_dir), ckpt_mod.STATE_FILE)
+    state = json.load(open(state_file))
+    del state["settings"]  # written before settings were saved in checkpoints
+    json.dump(state, open(state_file, "w"))
+    with pytest.raises(ConfigError, match=r"batch.grad_accum: 1 -> 2"):
+        train(cfg.replace(resume=True, **{"batch.grad_accum": 2}))
+    assert train(cfg.replace(resume=True)).steps_run == [4, 5, 6]

@@ -162,7 +162,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     model.train()
 
     # ---- output_dir: now that the run can start, clear (overwrite) or check (resume) what is there ----
-    _prepare_output_dir(cfg, env)
+    forced = _prepare_output_dir(cfg, env)
+    settings = _settings_with_data(cfg)  # saved in every checkpoint, compared on resume
 
     # ---- resume: weights before wrapping, optimizer and RNG after ----
     start_step, resume_from = 0, None
@@ -190,7 +191,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     logger = MetricsLogger(out_dir, total_steps=schedule.total_steps, start_step=start_step, every=cfg.log.every,
                            progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, quiet=cfg.log.quiet,
                            enabled=env.is_main)
-    logger.print(summary + (f"; resuming from {resume_from}" if resume_from else ""))
+    logger.print(summary + (f"; resuming from {resume_from}" if resume_from else "")
+                 + (f" with changed settings (resume=force): {'; '.join(forced)}" if forced and resume_from else ""))
     result = TrainResult(out_dir, None, total_steps=schedule.total_steps, last_checkpoint=resume_from,
                          tokenizer=tokenizer, config=cfg, data_report=report)
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -281,6 +283,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
                 m["pairs"] = stats.n_units
                 m["dpo_accuracy"] = float(totals[1]) / max(stats.n_units, 1)
                 m["dpo_margin"] = float(totals[2]) / max(stats.n_units, 1)
+            if forced and step == start_step:
+                m["resume_forced"] = forced  # resume=force accepted these changed settings here
             logger.log(m)
             result.losses.append(loss)
             result.metrics.append(m)
@@ -289,7 +293,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             stop = bool(on_step(m)) if on_step is not None else False
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == schedule.total_steps or stop:
                 state = {"epoch": sb.epoch, "index_in_epoch": sb.index_in_epoch + 1, "rows_per_step": rows_per_step,
-                         "total_steps": schedule.total_steps, "loss": loss}
+                         "total_steps": schedule.total_steps, "loss": loss, "settings": settings}
                 result.last_checkpoint = _save(cfg, env, lm, optimizer, scheduler, done, state) or result.last_checkpoint
             if stop:
                 break
@@ -320,12 +324,16 @@ def _check_output_dir(cfg: TrainConfig) -> None:
         )
 
 
-def _prepare_output_dir(cfg: TrainConfig, env) -> None:
+def _prepare_output_dir(cfg: TrainConfig, env) -> list[str]:
     """Called once the data, model and step plan are known to be good, so a bad data path or model
-    never costs the previous run: only then does overwrite=true delete its checkpoints and metrics."""
+    never costs the previous run: only then does overwrite=true delete its checkpoints and metrics.
+    On resume, checks the settings first (see :func:`_check_resume_settings`; returns what
+    resume=force accepted)."""
     out = cfg.output_dir
     _check_output_dir(cfg)
     existing = ckpt.list_checkpoints(out)
+    forced = _check_resume_settings(cfg, existing[-1][1]) if cfg.resume and existing else []
+    barrier(env)  # every rank has read the old config.yaml before rank 0 replaces it
     if env.is_main:
         os.makedirs(out, exist_ok=True)
         if existing and not cfg.resume:
@@ -344,6 +352,86 @@ def _prepare_output_dir(cfg: TrainConfig, env) -> None:
         with open(os.path.join(out, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     barrier(env)
+    return forced
+
+
+# What decides a run's result, compared on resume (device, precision, logging, checkpointing, threads
+# and the distributed engine are left out: changing them is how a stopped run is moved or watched).
+_RESULT_KEYS = ("seed", "algorithm", "steps", "epochs")
+_RESULT_SECTIONS = {"model": ("path", "config", "init_from"), "tokenizer": None, "data": None, "batch": None,
+                    "optim": None, "objective": None}
+
+
+def _json(x):
+    import json
+
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def _abspath(p):
+    return os.path.abspath(p) if isinstance(p, (str, os.PathLike)) else p
+
+
+def _run_settings(d: dict) -> dict:
+    """The settings of a config dict (``TrainConfig.to_dict()`` or a saved config.yaml) that change the
+    result, as ``{"dotted.key": value}``; paths made absolute."""
+    out = {k: d.get(k) for k in _RESULT_KEYS}
+    for section, keys in _RESULT_SECTIONS.items():
+        sub = d.get(section) or {}
+        for k in (keys or sub):
+            out[f"{section}.{k}"] = sub.get(k)
+    for k in ("model.path", "model.init_from", "tokenizer.path"):
+        out[k] = _abspath(out[k])
+    p = out["data.path"]
+    out["data.path"] = [_abspath(x) for x in p] if isinstance(p, (list, tuple)) and all(isinstance(x, str) for x in p) else _abspath(p)
+    return _json(out)
+
+
+def _data_content(path) -> dict | None:
+    """Size and SHA-256 of each data file (None for in-memory rows): a file edited in place is a change."""
+    import hashlib
+
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    if not all(isinstance(p, (str, os.PathLike)) and os.path.isfile(p) for p in paths):
+        return None
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append({"size": os.path.getsize(p), "sha256": h.hexdigest()})
+    return {"files": out}
+
+
+def _settings_with_data(cfg: TrainConfig) -> dict:
+    return dict(_run_settings(cfg.to_dict()), **{"data.content": _data_content(cfg.data.path)})
+
+
+def _check_resume_settings(cfg: TrainConfig, checkpoint: str) -> list[str]:
+    """The differences between the settings ``checkpoint`` was trained with (its trainer_state.json, or
+    for older checkpoints output_dir/config.yaml) and ``cfg``'s. Any difference raises ConfigError, unless
+    ``resume="force"``: then they are returned (and recorded in the metrics)."""
+    saved = _read_state(checkpoint).get("settings")
+    if saved is None:
+        path = os.path.join(cfg.output_dir, "config.yaml")
+        if not os.path.isfile(path):
+            return []
+        import yaml
+
+        with open(path) as f:
+            saved = _run_settings(yaml.safe_load(f) or {})
+    now = _settings_with_data(cfg)
+    diffs = []
+    for k in saved:
+        if k in now and saved[k] != now[k]:
+            diffs.append("data: a file's size or contents changed" if k == "data.content" else f"{k}: {saved[k]!r} -> {now[k]!r}")
+    if diffs and getattr(cfg, "resume", None) != "force":
+        raise ConfigError(
+            f"resume: {checkpoint} was trained with other settings ({'; '.join(diffs)}); the continued run "
+            "would not be the run it claims to be. Restore them, use a new output_dir, or pass resume=force to "
+            "continue anyway (recorded in metrics.jsonl)")
+    return diffs
 
 
 def _load_data(cfg: TrainConfig):
