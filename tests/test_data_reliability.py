@@ -161,3 +161,28 @@ def test_turn_markers_typed_in_content_are_counted(tok):
     assert "dataset[2]: message 1 (assistant) contains '<eos>'" in text
     with pytest.raises(DataError, match=r"dataset\[1\]: message 0"):
         tokenize_conversations(convs, tok, progress=False, strict=True)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_word_tokenizer_reloads_exactly_beside_any_model(tmp_path, model_type):
+    import pickle
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from refit_fast.model.build import tiny_config
+
+    texts = ["can you hand me the chair ?", "hi , hello there !", "yes no maybe", "<|user|> hi <|end|>", ""]
+    tok = build_word_tokenizer(texts)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(**tiny_config(model_type, num_hidden_layers=1, vocab_size=len(tok)))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for kw in ({}, {"trust_remote_code": True}):
+        back = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True, **kw)
+        for t in texts:
+            assert back(t, add_special_tokens=False)["input_ids"] == tok(t, add_special_tokens=False)["input_ids"], (kw, t)
+        assert back.tokenize(texts[0]) == ["can", "you", "hand", "me", "the", "chair", "?"]
+        chat_ = [{"role": "user", "content": "can you"}, {"role": "assistant", "content": "hello"}]
+        assert back.apply_chat_template(chat_) == tok.apply_chat_template(chat_)
+    assert pickle.loads(pickle.dumps(tok)).tokenize(texts[0]) == tok.tokenize(texts[0])

@@ -21,7 +21,7 @@ from refit_fast.data.tokenization import (
     load_tokenized,
     tokenize_conversations,
 )
-from refit_fast.data.tokenizer import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, build_word_tokenizer
+from refit_fast.data.tokenizer import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, build_word_tokenizer, save_word_tokenizer
 
 __all__ = [
     "Conversation",
@@ -35,6 +35,7 @@ __all__ = [
     "prompt_key_of_messages",
     "prompt_key_of_tokens",
     "build_word_tokenizer",
+    "save_word_tokenizer",
     "DEFAULT_CHAT_TEMPLATE",
     "END_OF_TURN",
 ]
