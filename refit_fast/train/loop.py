@@ -162,8 +162,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     model.train()
 
     # ---- output_dir: now that the run can start, clear (overwrite) or check (resume) what is there ----
-    forced = _prepare_output_dir(cfg, env)
     settings = _settings_with_data(cfg)  # saved in every checkpoint, compared on resume
+    forced = _prepare_output_dir(cfg, env, settings)
 
     # ---- resume: weights before wrapping, optimizer and RNG after ----
     start_step, resume_from = 0, None
@@ -324,7 +324,7 @@ def _check_output_dir(cfg: TrainConfig) -> None:
         )
 
 
-def _prepare_output_dir(cfg: TrainConfig, env) -> list[str]:
+def _prepare_output_dir(cfg: TrainConfig, env, settings: dict) -> list[str]:
     """Called once the data, model and step plan are known to be good, so a bad data path or model
     never costs the previous run: only then does overwrite=true delete its checkpoints and metrics.
     On resume, checks the settings first (see :func:`_check_resume_settings`; returns what
@@ -332,7 +332,7 @@ def _prepare_output_dir(cfg: TrainConfig, env) -> list[str]:
     out = cfg.output_dir
     _check_output_dir(cfg)
     existing = ckpt.list_checkpoints(out)
-    forced = _check_resume_settings(cfg, existing[-1][1]) if cfg.resume and existing else []
+    forced = _check_resume_settings(cfg, existing[-1][1], settings) if cfg.resume and existing else []
     barrier(env)  # every rank has read the old config.yaml before rank 0 replaces it
     if env.is_main:
         os.makedirs(out, exist_ok=True)
@@ -408,9 +408,9 @@ def _settings_with_data(cfg: TrainConfig) -> dict:
     return dict(_run_settings(cfg.to_dict()), **{"data.content": _data_content(cfg.data.path)})
 
 
-def _check_resume_settings(cfg: TrainConfig, checkpoint: str) -> list[str]:
+def _check_resume_settings(cfg: TrainConfig, checkpoint: str, now: dict) -> list[str]:
     """The differences between the settings ``checkpoint`` was trained with (its trainer_state.json, or
-    for older checkpoints output_dir/config.yaml) and ``cfg``'s. Any difference raises ConfigError, unless
+    for older checkpoints output_dir/config.yaml) and this run's (``now``, from :func:`_settings_with_data`). Any difference raises ConfigError, unless
     ``resume="force"``: then they are returned (and recorded in the metrics)."""
     saved = _read_state(checkpoint).get("settings")
     if saved is None:
@@ -421,7 +421,6 @@ def _check_resume_settings(cfg: TrainConfig, checkpoint: str) -> list[str]:
 
         with open(path) as f:
             saved = _run_settings(yaml.safe_load(f) or {})
-    now = _settings_with_data(cfg)
     diffs = []
     for k in saved:
         if k in now and saved[k] != now[k]:
