@@ -709,7 +709,8 @@ def _save_final(cfg, env, lm, tokenizer) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with ckpt.names_full_disk(tmp):
-                ckpt.save_pretrained_quietly(unwrap(lm).model, tmp, model_state)
+                # with the tokenizer, generation_config also stops at the end-of-turn token
+                ckpt.save_pretrained_quietly(unwrap(lm).model, tmp, model_state, tokenizer=tokenizer)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
         except ckpt.DiskFullError:
