@@ -142,8 +142,6 @@ def test_end_of_turn_token_of_word_and_chat_template_tokenizers(tmp_path):
     assert gen.pad_token_id == tok.pad_token_id
 
 
-@pytest.mark.xfail(reason="needs refit_fast/train/loop.py _save_final to pass tokenizer=tokenizer to "
-                          "ckpt.save_pretrained_quietly (loop.py is another helper's, issue #12 item 14)")
 def test_final_model_generation_stops_at_end_of_turn(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
