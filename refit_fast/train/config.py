@@ -132,9 +132,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     cpu_threads: int = 0  # torch threads on CPU; 0: auto (1 for models < 20M parameters, else torch's default)
     distributed: str = "ddp"  # ddp | fsdp  (only used under torchrun with WORLD_SIZE > 1)
-    # true: continue from the latest checkpoint in output_dir; false: start fresh; force: continue
-    # even where the checkpoint's recorded settings differ from this run's (the trainer's checks
-    # that stop a plain resume=true become warnings)
+    # true: continue from the latest checkpoint in output_dir (refused when the settings that change
+    # the result differ from the checkpoint's); false: start fresh; force: continue anyway (the
+    # changed settings are printed and recorded in metrics.jsonl as resume_forced)
     resume: bool | str = False
     overwrite: bool = False  # delete checkpoints already in output_dir (else they stop a fresh run)
     model: ModelConfig = field(default_factory=ModelConfig)
