@@ -57,7 +57,8 @@ def test_user_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
         assert f"config {key}:" in err, (over, err)
     # data.overlong=error (raised by the trainer as a ValueError)
     err = _one_line_error(capsys, [cfg, "data.overlong=error", "batch.max_tokens=8", out])
-    assert "max_tokens" in err
+    assert "6 training units are longer than batch.max_tokens=8 (data.overlong=error)" in err, err
+    assert " tokens), " in err and "and 3 more" in err  # the first three by conversation id, with lengths
     assert not os.path.exists(tmp_path / "out" / "final")
 
 

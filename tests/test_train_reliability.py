@@ -226,3 +226,25 @@ def test_resume_of_an_older_checkpoint_compares_config_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"batch.grad_accum: 1 -> 2"):
         train(cfg.replace(resume=True, **{"batch.grad_accum": 2}))
     assert train(cfg.replace(resume=True)).steps_run == [4, 5, 6]
+
+
+def test_final_word_tokenizer_reloads_unchanged_after_a_second_run(tmp_path):
+    """A word tokenizer reused from init_from (reloaded through AutoTokenizer) is saved again with the
+    files that make AutoTokenizer give it back unchanged, also beside a qwen2 model's config (the
+    reload keeps save_word_tokenizer's auto_map, so final/ needs no special saving)."""
+    from transformers import AutoTokenizer
+
+    from test_train import base_config
+    from refit_fast.model import tiny_config
+
+    data = write_data(tmp_path / "d.jsonl")
+    qwen = {**tiny_config("qwen2"), "vocab_size": 128}
+    first = train(base_config(tmp_path, data, output_dir=str(tmp_path / "a"), **{"model.config": qwen}))
+    second = train(base_config(tmp_path, data, output_dir=str(tmp_path / "b"), tokenizer="auto",
+                               **{"model.config": {}, "model.init_from": first.final_model_path}))
+    text = "which one ? " + " ".join(json.loads(open(data).readline())["messages"][3]["content"].split())
+    want = first.tokenizer(text)["input_ids"]
+    for path in (first.final_model_path, second.final_model_path):
+        cfg = json.load(open(os.path.join(path, "tokenizer_config.json")))
+        assert "auto_map" in cfg, path
+        assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] == want, path

@@ -44,12 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from refit_fast.train.config import load_config
+    from refit_fast.train.checkpoint import DiskFullError, UnsafeCheckpointError
+    from refit_fast.train.distributed import DistTimeoutError
     from refit_fast.train.loop import NonFiniteLossError, train
 
     # What a user can fix (the config, the data, the output folder, a diverging run): one line and
     # exit 1. Anything else is a bug and keeps its traceback. ConfigError and DataError are ValueErrors.
     known = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
-             PermissionError, yaml.YAMLError, NonFiniteLossError)
+             PermissionError, yaml.YAMLError, NonFiniteLossError, DiskFullError, UnsafeCheckpointError,
+             DistTimeoutError)
     try:
         cfg = load_config(path, overrides).check_files()
         result = train(cfg)

@@ -136,10 +136,11 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     # Swift's per-conversation weights, fixed for the whole run (None: swift_stats=step, or not Swift)
     weights, weights_summary = _swift_setup(cfg, data)
     rows_per_step = env.world_size * cfg.batch.grad_accum
-    schedule = Schedule(data, *make_units(data, pairs), max_tokens=cfg.batch.max_tokens, rows_per_step=rows_per_step,
+    units = make_units(data, pairs)
+    if cfg.data.overlong == "error":
+        _refuse_overlong(data, *units, cfg.batch.max_tokens)
+    schedule = Schedule(data, *units, max_tokens=cfg.batch.max_tokens, rows_per_step=rows_per_step,
                         seed=cfg.seed, strategy=cfg.batch.strategy, steps=cfg.steps, epochs=cfg.epochs)
-    if schedule.dropped_units and cfg.data.overlong == "error":
-        raise ValueError(f"{schedule.dropped_units} training units are longer than batch.max_tokens={cfg.batch.max_tokens}")
     unit = "pairs" if pairs is not None else "conversations"
     n_units = len(schedule.unit_lengths)
     summary = (f"{cfg.algorithm}: {n_units - schedule.dropped_units} {unit} "
@@ -438,8 +439,12 @@ def _load_data(cfg: TrainConfig):
     from refit_fast.data import TokenizedConversation, load_conversations, tokenize_conversations
 
     d = cfg.data
+    # max_tokens: text too long to fit even at 64 characters a token is refused before tokenizing
     convs, report = load_conversations(d.path, messages_key=d.messages_key, reward_key=d.reward_key, id_key=d.id_key,
-                                       group_key=d.group_key)
+                                       group_key=d.group_key, max_tokens=cfg.batch.max_tokens)
+    if d.overlong == "error" and report.skipped.get("too_long"):
+        raise ValueError(f"{report.skipped['too_long']} conversations are far longer than batch.max_tokens="
+                         f"{cfg.batch.max_tokens} (data.overlong=error), e.g. {report.examples['too_long'][0]}")
     if not convs:
         raise ValueError(f"no usable conversation in {d.path!r}:\n{report.summary()}")
     pretokenized = all(c.is_tokenized for c in convs)
@@ -479,6 +484,22 @@ def _resolve_tokenizer(cfg: TrainConfig, convs, pretokenized: bool):
 
     texts = (m["content"] for c in convs if c.messages for m in c.messages)
     return build_word_tokenizer(texts)
+
+
+def _refuse_overlong(data: TrainData, unit_offsets, unit_items, max_tokens: int) -> None:
+    """data.overlong=error: a ValueError naming how many units are too long and the first few."""
+    lengths = data.flat.lengths[unit_items]
+    unit_lengths = np.add.reduceat(lengths, unit_offsets[:-1]) if len(unit_offsets) > 1 else lengths[:0]
+    too_long = np.flatnonzero(unit_lengths > max_tokens)
+    if not len(too_long):
+        return
+    shown = []
+    for u in too_long[:3]:
+        ids = [data.ids[i] for i in unit_items[unit_offsets[u]:unit_offsets[u + 1]]]
+        shown.append(f"{' + '.join(ids)} ({int(unit_lengths[u])} tokens)")
+    more = f", and {len(too_long) - 3} more" if len(too_long) > 3 else ""
+    raise ValueError(f"{len(too_long)} training units are longer than batch.max_tokens={max_tokens} "
+                     f"(data.overlong=error): {', '.join(shown)}{more}")
 
 
 def _load_tokenizer(path: str):
