@@ -248,3 +248,40 @@ def test_final_word_tokenizer_reloads_unchanged_after_a_second_run(tmp_path):
         cfg = json.load(open(os.path.join(path, "tokenizer_config.json")))
         assert "auto_map" in cfg, path
         assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] == want, path
+
+
+def test_the_last_checkpoint_and_final_gather_a_sharded_model_once(tmp_path):
+    # Under FSDP the full state is gathered from the shards (a collective over every parameter): the
+    # checkpoint of the last step and final/ share one gather.
+    from refit_fast.model import build_model_from_config, tiny_config
+    from refit_fast.train.distributed import DistEnv
+    from refit_fast.train.objectives import PackedCausalLM
+
+    lm = PackedCausalLM(build_model_from_config(tiny_config("llama")))
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck = ckpt_mod.Checkpointer(str(tmp_path), DistEnv(0, 1, 0, torch.device("cpu"), None), keep_last=2)
+    ck.fsdp = True  # as if sharded: count the gathers, with the module's own state standing in for them
+    gathers = []
+    ck._model_state = lambda m: gathers.append(1) or {k: v.clone() for k, v in m.model.state_dict().items()}
+    ck._optimizer_state = lambda m, o: o.state_dict()
+    ck.save(lm, opt, sched, 3, {"epoch": 0})
+    ck.save(lm, opt, sched, 4, {"epoch": 0}, final=True)
+    final = ck.save_final(lm, None, step=4)
+    assert len(gathers) == 2 and os.path.isfile(os.path.join(final, "model.safetensors"))
+    fresh = build_model_from_config(tiny_config("llama"), seed=1)
+    ckpt_mod.load_weights(fresh, final)  # the kept state was written whole, not consumed by the first save
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), lm.model.state_dict().values()))
+    ck.save(lm, opt, sched, 5, {"epoch": 0})  # not marked final: a later final save gathers anew
+    ck.save_final(lm, None, step=5)
+    assert len(gathers) == 4
+    assert ckpt_mod.read_trainer_state(ck.latest())["step"] == 5
+
+
+def test_recover_interrupted_saves(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-2.old", "checkpoint-3.tmp", "checkpoint-4.old", "final"):
+        (tmp_path / name).mkdir()
+    done = ckpt_mod.recover_interrupted_saves(str(tmp_path))
+    # .old beside its checkpoint and .tmp are removed; a lone .old is the only copy and comes back
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4", "final"]
+    assert len(done) == 3 and any("restored" in d and "checkpoint-4" in d for d in done)

@@ -8,8 +8,16 @@ A checkpoint is a folder ``checkpoint-{step}``::
     trainer_state.json                  step, epoch, position in the epoch's bin plan; written last
 
 It is written to ``checkpoint-{step}.tmp`` and renamed with ``os.replace`` once complete, so a crash
-mid-write leaves only a ``.tmp`` folder that :func:`latest_checkpoint` ignores (and the next save
-removes); the previous checkpoint is untouched.
+mid-write leaves only a ``.tmp`` folder that :func:`latest_checkpoint` ignores and
+:func:`recover_interrupted_saves` removes; the previous checkpoint is untouched. ``final/`` (the
+trained model, with the tokenizer) is written the same way.
+
+This module owns the whole format: writing (:func:`save_checkpoint`), finding
+(:func:`list_checkpoints`, :func:`latest_checkpoint`), recovering, reading (:func:`read_trainer_state`,
+:func:`load_weights`, :func:`load_state`, :func:`load_rng`) and the settings a checkpoint records
+(:func:`run_settings`, :func:`compare_settings`). :class:`Checkpointer` is what the training loop uses:
+it gathers a sharded (FSDP) model's full state once per save and loads model, optimizer, scheduler
+and RNG back in the order resuming needs.
 
 Loading never runs code from a checkpoint: the ``.pt`` files are read with ``torch.load(weights_only=True)``
 (tensors, numbers, strings, lists, tuples, dicts), so a crafted file is refused with
@@ -29,6 +37,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "Checkpointer",
     "DiskFullError",
     "UnsafeCheckpointError",
     "names_full_disk",
@@ -41,6 +50,10 @@ __all__ = [
     "list_checkpoints",
     "load_weights",
     "restore_rng",
+    "read_trainer_state",
+    "recover_interrupted_saves",
+    "run_settings",
+    "compare_settings",
     "save_checkpoint",
 ]
 
@@ -189,7 +202,9 @@ def save_pretrained_quietly(model, path: str, state_dict: dict | None = None, to
     """``model.save_pretrained(path)`` in safetensors, without the progress bar. With ``tokenizer``,
     the saved ``generation_config`` stops at its end-of-turn token as well as at eos (see
     :func:`set_generation_stop_tokens`)."""
-    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    # a shallow copy: save_pretrained empties the dict it is given (transformers 5), and the caller may
+    # save the same gathered state twice (the last checkpoint, then final/)
+    kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
     if tokenizer is not None:
         set_generation_stop_tokens(model, tokenizer)
     with quiet_transformers():
@@ -343,3 +358,259 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
     return {n: [m for m in names if m != n] for names in groups.values() if len(names) > 1 for n in names}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and recovering
+# --------------------------------------------------------------------------------------------------
+
+
+def read_trainer_state(checkpoint: str) -> dict:
+    """The ``trainer_state.json`` of a checkpoint: ``step``, ``epoch``, ``index_in_epoch``,
+    ``rows_per_step``, ``total_steps``, ``loss``, ``world_size`` and ``settings`` (see :func:`run_settings`).
+
+    Example:
+        >>> read_trainer_state("runs/swift/checkpoint-40")["step"]    # doctest: +SKIP
+        40
+    """
+    with open(os.path.join(checkpoint, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def recover_interrupted_saves(output_dir: str) -> list[str]:
+    """Clean up after a save that crashed mid-write; returns what it did, one line per folder.
+
+    A ``checkpoint-N.tmp`` (an unfinished write) is deleted. A ``checkpoint-N.old`` next to a
+    ``checkpoint-N`` (a re-save of step N that had put the new copy in place) is deleted; one *without*
+    ``checkpoint-N`` (a crash between the two renames of a re-save) is the only copy of step N and is
+    renamed back. Safe to call on a folder that does not exist.
+
+    Example:
+        >>> recover_interrupted_saves("/nonexistent")
+        []
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    done = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if not name.startswith("checkpoint-"):
+            continue
+        if name.endswith(".old") and not os.path.exists(path[:-4]):
+            os.replace(path, path[:-4])
+            done.append(f"restored {path[:-4]} from {name}")
+        elif name.endswith((".tmp", ".old")):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path}")
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# The settings a checkpoint records (compared on resume)
+# --------------------------------------------------------------------------------------------------
+
+# What decides a run's result (device, precision, logging, checkpointing, threads and the distributed
+# engine are left out: changing them is how a stopped run is moved or watched).
+_RESULT_KEYS = ("seed", "algorithm", "steps", "epochs")
+_RESULT_SECTIONS = {"model": ("path", "config", "init_from"), "tokenizer": None, "data": None, "batch": None,
+                    "optim": None, "objective": None}
+
+
+def _abspath(p):
+    return os.path.abspath(p) if isinstance(p, (str, os.PathLike)) else p
+
+
+def _data_content(path) -> dict | None:
+    """Size and SHA-256 of each data file (None for in-memory rows): a file edited in place is a change."""
+    import hashlib
+
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    if not all(isinstance(p, (str, os.PathLike)) and os.path.isfile(p) for p in paths):
+        return None
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append({"size": os.path.getsize(p), "sha256": h.hexdigest()})
+    return {"files": out}
+
+
+def run_settings(config: dict, *, data_content: bool = False) -> dict:
+    """The settings of a config dict (``TrainConfig.to_dict()`` or a saved ``config.yaml``) that change
+    the result, as ``{"dotted.key": value}`` with paths made absolute; with ``data_content`` also the
+    size and SHA-256 of each data file (``"data.content"``). Every checkpoint records them.
+
+    Example:
+        >>> s = run_settings({"seed": 1, "algorithm": "swift", "optim": {"lr": 3e-5}, "log": {"every": 5}})
+        >>> s["seed"], s["optim.lr"], "log.every" in s
+        (1, 3e-05, False)
+    """
+    out = {k: config.get(k) for k in _RESULT_KEYS}
+    for section, keys in _RESULT_SECTIONS.items():
+        sub = config.get(section) or {}
+        for k in (keys or sub):
+            out[f"{section}.{k}"] = sub.get(k)
+    for k in ("model.path", "model.init_from", "tokenizer.path"):
+        out[k] = _abspath(out.get(k))
+    p = out.get("data.path")
+    out["data.path"] = ([_abspath(x) for x in p] if isinstance(p, (list, tuple)) and all(isinstance(x, str) for x in p)
+                        else _abspath(p))
+    if data_content:
+        out["data.content"] = _data_content(p)
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def compare_settings(checkpoint: str, now: dict, *, force: bool = False) -> list[str]:
+    """The differences between the settings ``checkpoint`` was trained with and ``now`` (both from
+    :func:`run_settings`), one line each. Any difference raises ``ConfigError`` unless ``force``; then
+    they are returned (the trainer records them in the metrics). Checkpoints written before settings
+    were recorded are compared with the ``config.yaml`` beside them, if any.
+
+    Example:
+        >>> compare_settings("runs/swift/checkpoint-40", now, force=True)   # doctest: +SKIP
+        ['optim.lr: 3e-05 -> 0.0001']
+    """
+    from refit_fast.train.config import ConfigError
+
+    saved = read_trainer_state(checkpoint).get("settings")
+    if saved is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
+        if not os.path.isfile(path):
+            return []
+        import yaml
+
+        with open(path) as f:
+            saved = run_settings(yaml.safe_load(f) or {})
+    diffs = []
+    for k in saved:
+        if k in now and saved[k] != now[k]:
+            diffs.append("data: a file's size or contents changed" if k == "data.content" else f"{k}: {saved[k]!r} -> {now[k]!r}")
+    if diffs and not force:
+        raise ConfigError(
+            f"resume: {checkpoint} was trained with other settings ({'; '.join(diffs)}); the continued run "
+            "would not be the run it claims to be. Restore them, use a new output_dir, or pass resume=force to "
+            "continue anyway (recorded in metrics.jsonl)")
+    return diffs
+
+
+# --------------------------------------------------------------------------------------------------
+# What the training loop uses
+# --------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """The checkpoints of one run in ``output_dir``, for every rank of it.
+
+    ``env`` is the run's :class:`refit_fast.train.distributed.DistEnv`; ``fsdp``: the model is sharded
+    with FSDP2, so rank 0 saves a full state dict gathered from the shards (model and optimizer) and
+    loading scatters it back. A save followed by :meth:`save_final` at the same step gathers the model
+    once: the gathered state is kept for the final save (``final=True``) instead of gathered again.
+
+    Resuming takes two calls: :meth:`load_model` before the model is wrapped for DDP/FSDP (plain
+    weights), :meth:`load_training_state` after the optimizer and scheduler exist (optimizer, scheduler,
+    this rank's RNG).
+
+    Example:
+        >>> ck = Checkpointer("runs/swift", env, fsdp=False, keep_last=2)                  # doctest: +SKIP
+        >>> path = ck.latest()                                                               # doctest: +SKIP
+        >>> state = ck.load_model(model, path); ...; ck.load_training_state(path, lm, opt, sched)  # doctest: +SKIP
+        >>> ck.save(lm, opt, sched, step=100, state={"epoch": 1}); ck.save_final(lm, tokenizer)   # doctest: +SKIP
+    """
+
+    def __init__(self, output_dir: str, env, *, fsdp: bool = False, keep_last: int = 2):
+        self.output_dir, self.env, self.fsdp, self.keep_last = output_dir, env, bool(fsdp) and env.distributed, keep_last
+        self._kept = None  # (step, gathered model state) of the last save, for save_final
+
+    def _barrier(self) -> None:
+        from refit_fast.train.distributed import barrier
+
+        barrier(self.env)
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint of the run, or None."""
+        return latest_checkpoint(self.output_dir)
+
+    # ---- reading ----
+
+    def load_model(self, model: torch.nn.Module, checkpoint: str) -> dict:
+        """Load the weights into the (unwrapped) model; returns the checkpoint's trainer state."""
+        state = read_trainer_state(checkpoint)
+        load_weights(model, checkpoint)
+        return state
+
+    def load_training_state(self, checkpoint: str, lm, optimizer, scheduler) -> None:
+        """Optimizer (scattered to the shards under FSDP), scheduler and this rank's RNG states."""
+        optim_state = load_state(os.path.join(checkpoint, "optimizer.pt"))
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(lm, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(optim_state)
+        scheduler.load_state_dict(load_state(os.path.join(checkpoint, "scheduler.pt")))
+        restore_rng(load_rng(checkpoint, self.env.rank))
+
+    # ---- writing ----
+
+    def _model_state(self, lm) -> dict | None:
+        """The full model state dict gathered from FSDP shards (collective: every rank calls it), or None
+        when the module's own state dict is already full."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        msd = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("model."): v for k, v in msd.items()}
+
+    def _optimizer_state(self, lm, optimizer) -> dict:
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(lm, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, lm, optimizer, scheduler, step: int, state: dict, *, final: bool = False) -> str | None:
+        """Write ``checkpoint-{step}`` (every rank calls it); its path on rank 0, None elsewhere.
+        ``final``: :meth:`save_final` follows at this step, so keep the gathered model state for it."""
+        from refit_fast.train.distributed import unwrap
+
+        model_state = self._model_state(lm)
+        self._kept = (step, model_state) if final and model_state is not None else None
+        return save_checkpoint(
+            self.output_dir, step, hf_model=unwrap(lm).model, model_state=model_state,
+            optimizer_state=self._optimizer_state(lm, optimizer), scheduler_state=scheduler.state_dict(),
+            trainer_state=state, rank=self.env.rank, world_size=self.env.world_size, keep_last=self.keep_last,
+            barrier=self._barrier,
+        )
+
+    def save_final(self, lm, tokenizer=None, *, step: int | None = None) -> str:
+        """Write ``output_dir/final`` (``save_pretrained`` weights and config, and the tokenizer, whose
+        end-of-turn token also stops ``generate``) atomically, through ``final.tmp``; returns its path.
+        A full disk raises :class:`DiskFullError` and leaves any earlier ``final/`` in place."""
+        from refit_fast.train.distributed import unwrap
+
+        path = os.path.join(self.output_dir, "final")
+        kept, self._kept = self._kept, None
+        model_state = kept[1] if kept is not None and kept[0] == step else self._model_state(lm)
+        if self.env.is_main:
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                with names_full_disk(tmp):
+                    save_pretrained_quietly(unwrap(lm).model, tmp, model_state, tokenizer=tokenizer)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp)
+            except DiskFullError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        self._barrier()
+        return path
+
+    def clear(self) -> None:
+        """Delete every checkpoint of ``output_dir`` (overwrite=true; rank 0 only)."""
+        for _, path in list_checkpoints(self.output_dir):
+            shutil.rmtree(path)

@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -35,7 +34,7 @@ from refit_fast.train.data import (
     make_units,
     materialize_rows,
 )
-from refit_fast.train.distributed import all_reduce_sum, barrier, setup_distributed, unwrap, wrap_model
+from refit_fast.train.distributed import all_reduce_sum, barrier, setup_distributed, wrap_model
 from refit_fast.train.metrics import MetricsLogger, peak_memory_mb
 from refit_fast.train.objectives import PackedCausalLM, micro_batch_loss, sequence_logps, step_stats, swift_weights
 
@@ -163,20 +162,19 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     model.train()
 
     # ---- output_dir: now that the run can start, clear (overwrite) or check (resume) what is there ----
-    settings = _settings_with_data(cfg)  # saved in every checkpoint, compared on resume
-    forced = _prepare_output_dir(cfg, env, settings)
+    checkpoints = ckpt.Checkpointer(out_dir, env, fsdp=cfg.distributed == "fsdp", keep_last=cfg.checkpoint.keep_last)
+    settings = ckpt.run_settings(cfg.to_dict(), data_content=True)  # saved in every checkpoint, compared on resume
+    forced = _prepare_output_dir(cfg, env, checkpoints, settings)
 
     # ---- resume: weights before wrapping, optimizer and RNG after ----
     start_step, resume_from = 0, None
     if cfg.resume:
-        resume_from = ckpt.latest_checkpoint(out_dir)
-    trainer_state = {}
+        resume_from = checkpoints.latest()
     if resume_from is not None:
-        trainer_state = _read_state(resume_from)
+        trainer_state = checkpoints.load_model(model, resume_from)
         if trainer_state.get("rows_per_step", rows_per_step) != rows_per_step:
             raise ConfigError(f"resume: {resume_from} was written with world_size x grad_accum = "
                               f"{trainer_state['rows_per_step']}, now {rows_per_step}; the data plan would differ")
-        ckpt.load_weights(model, resume_from)
         start_step = int(trainer_state["step"])
 
     # ---- optimizer, schedule, distributed wrap ----
@@ -185,9 +183,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     lr_lambda = _lr_lambda(cfg.optim.warmup_steps, schedule.total_steps, cfg.optim.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     if resume_from is not None:
-        _load_optimizer(resume_from, lm, optimizer, cfg, env)
-        scheduler.load_state_dict(ckpt.load_state(os.path.join(resume_from, "scheduler.pt")))
-        ckpt.restore_rng(ckpt.load_rng(resume_from, env.rank))
+        checkpoints.load_training_state(resume_from, lm, optimizer, scheduler)
 
     logger = MetricsLogger(out_dir, total_steps=schedule.total_steps, start_step=start_step, every=cfg.log.every,
                            progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, quiet=cfg.log.quiet,
@@ -292,16 +288,18 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             result.steps_run.append(done)
 
             stop = bool(on_step(m)) if on_step is not None else False
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == schedule.total_steps or stop:
+            last = done == schedule.total_steps
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stop:
                 state = {"epoch": sb.epoch, "index_in_epoch": sb.index_in_epoch + 1, "rows_per_step": rows_per_step,
                          "total_steps": schedule.total_steps, "loss": loss, "settings": settings}
-                result.last_checkpoint = _save(cfg, env, lm, optimizer, scheduler, done, state) or result.last_checkpoint
+                path = checkpoints.save(lm, optimizer, scheduler, done, state, final=last and cfg.checkpoint.save_final)
+                result.last_checkpoint = path or result.last_checkpoint
             if stop:
                 break
 
         # ---- final model ----
         if cfg.checkpoint.save_final and (not result.steps_run or result.steps_run[-1] == schedule.total_steps):
-            result.final_model_path = _save_final(cfg, env, lm, tokenizer)
+            result.final_model_path = checkpoints.save_final(lm, tokenizer, step=schedule.total_steps)
             logger.print(f"saved the final model to {result.final_model_path}")
     except ckpt.DiskFullError as e:  # one line: the file that did not fit, and the checkpoint to resume from
         raise ckpt.DiskFullError(e.path, e.reason, result.last_checkpoint) from None
@@ -325,27 +323,21 @@ def _check_output_dir(cfg: TrainConfig) -> None:
         )
 
 
-def _prepare_output_dir(cfg: TrainConfig, env, settings: dict) -> list[str]:
+def _prepare_output_dir(cfg: TrainConfig, env, checkpoints: ckpt.Checkpointer, settings: dict) -> list[str]:
     """Called once the data, model and step plan are known to be good, so a bad data path or model
     never costs the previous run: only then does overwrite=true delete its checkpoints and metrics.
-    On resume, checks the settings first (see :func:`_check_resume_settings`; returns what
-    resume=force accepted)."""
+    On resume, compares the settings first (:func:`refit_fast.train.checkpoint.compare_settings`;
+    returns what resume=force accepted)."""
     out = cfg.output_dir
     _check_output_dir(cfg)
-    existing = ckpt.list_checkpoints(out)
-    forced = _check_resume_settings(cfg, existing[-1][1], settings) if cfg.resume and existing else []
+    latest = checkpoints.latest()
+    forced = ckpt.compare_settings(latest, settings, force=cfg.resume == "force") if cfg.resume and latest else []
     barrier(env)  # every rank has read the old config.yaml before rank 0 replaces it
     if env.is_main:
         os.makedirs(out, exist_ok=True)
-        if existing and not cfg.resume:
-            for _, path in existing:
-                shutil.rmtree(path)
-        for name in sorted(os.listdir(out)):  # leftovers of a save that crashed mid-write
-            path = os.path.join(out, name)
-            if name.startswith("checkpoint-") and name.endswith(".old") and not os.path.exists(path[:-4]):
-                os.replace(path, path[:-4])  # crashed between the two renames of a re-save: it is the only copy
-            elif name.startswith("checkpoint-") and name.endswith((".tmp", ".old")):
-                shutil.rmtree(path, ignore_errors=True)
+        ckpt.recover_interrupted_saves(out)  # leftovers of a save that crashed mid-write
+        if not cfg.resume:
+            checkpoints.clear()
         if not cfg.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
             os.remove(os.path.join(out, "metrics.jsonl"))  # a fresh run starts a fresh history
         import yaml
@@ -354,84 +346,6 @@ def _prepare_output_dir(cfg: TrainConfig, env, settings: dict) -> list[str]:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     barrier(env)
     return forced
-
-
-# What decides a run's result, compared on resume (device, precision, logging, checkpointing, threads
-# and the distributed engine are left out: changing them is how a stopped run is moved or watched).
-_RESULT_KEYS = ("seed", "algorithm", "steps", "epochs")
-_RESULT_SECTIONS = {"model": ("path", "config", "init_from"), "tokenizer": None, "data": None, "batch": None,
-                    "optim": None, "objective": None}
-
-
-def _json(x):
-    import json
-
-    return json.loads(json.dumps(x, sort_keys=True, default=str))
-
-
-def _abspath(p):
-    return os.path.abspath(p) if isinstance(p, (str, os.PathLike)) else p
-
-
-def _run_settings(d: dict) -> dict:
-    """The settings of a config dict (``TrainConfig.to_dict()`` or a saved config.yaml) that change the
-    result, as ``{"dotted.key": value}``; paths made absolute."""
-    out = {k: d.get(k) for k in _RESULT_KEYS}
-    for section, keys in _RESULT_SECTIONS.items():
-        sub = d.get(section) or {}
-        for k in (keys or sub):
-            out[f"{section}.{k}"] = sub.get(k)
-    for k in ("model.path", "model.init_from", "tokenizer.path"):
-        out[k] = _abspath(out[k])
-    p = out["data.path"]
-    out["data.path"] = [_abspath(x) for x in p] if isinstance(p, (list, tuple)) and all(isinstance(x, str) for x in p) else _abspath(p)
-    return _json(out)
-
-
-def _data_content(path) -> dict | None:
-    """Size and SHA-256 of each data file (None for in-memory rows): a file edited in place is a change."""
-    import hashlib
-
-    paths = path if isinstance(path, (list, tuple)) else [path]
-    if not all(isinstance(p, (str, os.PathLike)) and os.path.isfile(p) for p in paths):
-        return None
-    out = []
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out.append({"size": os.path.getsize(p), "sha256": h.hexdigest()})
-    return {"files": out}
-
-
-def _settings_with_data(cfg: TrainConfig) -> dict:
-    return dict(_run_settings(cfg.to_dict()), **{"data.content": _data_content(cfg.data.path)})
-
-
-def _check_resume_settings(cfg: TrainConfig, checkpoint: str, now: dict) -> list[str]:
-    """The differences between the settings ``checkpoint`` was trained with (its trainer_state.json, or
-    for older checkpoints output_dir/config.yaml) and this run's (``now``, from :func:`_settings_with_data`). Any difference raises ConfigError, unless
-    ``resume="force"``: then they are returned (and recorded in the metrics)."""
-    saved = _read_state(checkpoint).get("settings")
-    if saved is None:
-        path = os.path.join(cfg.output_dir, "config.yaml")
-        if not os.path.isfile(path):
-            return []
-        import yaml
-
-        with open(path) as f:
-            saved = _run_settings(yaml.safe_load(f) or {})
-    diffs = []
-    for k in saved:
-        if k in now and saved[k] != now[k]:
-            diffs.append("data: a file's size or contents changed" if k == "data.content" else f"{k}: {saved[k]!r} -> {now[k]!r}")
-    if diffs and getattr(cfg, "resume", None) != "force":
-        raise ConfigError(
-            f"resume: {checkpoint} was trained with other settings ({'; '.join(diffs)}); the continued run "
-            "would not be the run it claims to be. Restore them, use a new output_dir, or pass resume=force to "
-            "continue anyway (recorded in metrics.jsonl)")
-    return diffs
 
 
 def _load_data(cfg: TrainConfig):
@@ -562,13 +476,6 @@ def _reference_logps(lm, schedule: Schedule, pairs, env, autocast) -> np.ndarray
     return out.cpu().numpy()
 
 
-def _read_state(path: str) -> dict:
-    import json
-
-    with open(os.path.join(path, ckpt.STATE_FILE)) as f:
-        return json.load(f)
-
-
 def _make_optimizer(cfg: TrainConfig, lm, device):
     o = cfg.optim
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -684,60 +591,3 @@ def _weight_stats(cfg: TrainConfig, stats, step_weights: np.ndarray | None = Non
     return {"weight_mean": 0.0, "weight_std": stats.reward_std / d if d > 0 else 0.0,
             "weight_min": (stats.reward_min - stats.reward_mean) / d if d > 0 else 0.0,
             "weight_max": (stats.reward_max - stats.reward_mean) / d if d > 0 else 0.0}
-
-
-def _full_states(cfg: TrainConfig, lm, optimizer, env):
-    """(model state dict or None, optimizer state dict) as rank 0 saves them."""
-    if env.distributed and cfg.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(lm, options=opts)
-        osd = get_optimizer_state_dict(lm, optimizer, options=opts)
-        return {k.removeprefix("model."): v for k, v in msd.items()}, osd
-    return None, optimizer.state_dict()
-
-
-def _load_optimizer(path: str, lm, optimizer, cfg: TrainConfig, env) -> None:
-    state = ckpt.load_state(os.path.join(path, "optimizer.pt"))
-    if env.distributed and cfg.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(lm, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
-
-
-def _save(cfg, env, lm, optimizer, scheduler, step: int, state: dict) -> str | None:
-    model_state, optim_state = _full_states(cfg, lm, optimizer, env)
-    return ckpt.save_checkpoint(
-        cfg.output_dir, step, hf_model=unwrap(lm).model, model_state=model_state, optimizer_state=optim_state,
-        scheduler_state=scheduler.state_dict(), trainer_state=state, rank=env.rank, world_size=env.world_size,
-        keep_last=cfg.checkpoint.keep_last, barrier=lambda: barrier(env),
-    )
-
-
-def _save_final(cfg, env, lm, tokenizer) -> str:
-    path = os.path.join(cfg.output_dir, "final")
-    model_state = None
-    if env.distributed and cfg.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        msd = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        model_state = {k.removeprefix("model."): v for k, v in msd.items()}
-    if env.is_main:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            with ckpt.names_full_disk(tmp):
-                # with the tokenizer, generation_config also stops at the end-of-turn token
-                ckpt.save_pretrained_quietly(unwrap(lm).model, tmp, model_state, tokenizer=tokenizer)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-        except ckpt.DiskFullError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    barrier(env)
-    return path
