@@ -28,6 +28,10 @@ __all__ = [
     "FlatConversations",
     "PackStats",
     "Packed",
+    "check_max_tokens",
+    "check_overlong",
+    "check_pad_to",
+    "check_strategy",
     "flatten",
     "materialize",
     "pack",
@@ -39,6 +43,7 @@ __all__ = [
 IGNORE_INDEX = -100
 STRATEGIES = {"bfd": 0, "ffs": 1}
 OVERLONG = ("drop", "error", "truncate_turns")
+SEQ_IDS = ("global", "local")
 MAX_TOKENS_LIMIT = 1 << 24  # same bound as kMaxTokensLimit in csrc/packing.h
 
 _BUILD_HINT = (
@@ -397,8 +402,76 @@ class BinPlan:
         lens = np.asarray(lengths, dtype=np.int64)[self.items]
         return np.add.reduceat(lens, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
 
+    def take(self, bins) -> "BinPlan":
+        """A plan holding bins ``bins`` (indices into this plan; negative ones count from the end)
+        in that order, e.g. one rank's rows of a step laid out back to back so that
+        ``materialize(rows=slice(...))`` reads them in one call. Keeps max_tokens, strategy, seed.
 
-def _check_max_tokens(max_tokens) -> int:
+        >>> plan = BinPlan(np.array([0, 2, 3, 5]), np.array([4, 0, 1, 2, 3]), 8, "bfd", 0)
+        >>> [b.tolist() for b in plan.take([2, 0])]
+        [[2, 3], [4, 0]]
+        """
+        idx = _index_array(bins, "bins")
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = idx[(idx < -n) | (idx >= n)][0]
+            raise IndexError(f"bin {bad} out of range for a plan of {n} bins")
+        offsets, items = _gather_segments(self.offsets, self.items, np.where(idx < 0, idx + n, idx))
+        return BinPlan(offsets, items, self.max_tokens, self.strategy, self.seed)
+
+    def expand(self, unit_offsets, unit_items) -> "BinPlan":
+        """For a plan made over *units* (unit ``u`` is the items
+        ``unit_items[unit_offsets[u]:unit_offsets[u+1]]``, e.g. a DPO pair of two conversations
+        planned as one), the same bins in the same order over the items: each bin holds its units'
+        items, concatenated in bin order. Keeps max_tokens, strategy and seed.
+
+        >>> pairs = np.array([0, 2, 4, 6])                      # 3 units of 2 conversations each
+        >>> unit_plan = BinPlan(np.array([0, 2, 3]), np.array([2, 0, 1]), 8, "bfd", 0)
+        >>> [b.tolist() for b in unit_plan.expand(pairs, np.arange(6))]
+        [[4, 5, 0, 1], [2, 3]]
+        """
+        offs = _index_array(unit_offsets, "unit_offsets")
+        items = _index_array(unit_items, "unit_items")
+        if offs.size == 0:
+            raise ValueError("unit_offsets needs at least one element (n units: n + 1)")
+        if offs[0] < 0 or offs[-1] > items.shape[0] or (np.diff(offs) < 0).any():
+            raise ValueError(f"unit_offsets must be non-decreasing within [0, {items.shape[0]}]")
+        n_units = offs.shape[0] - 1
+        if self.items.size and (self.items.min() < 0 or self.items.max() >= n_units):
+            bad = self.items[(self.items < 0) | (self.items >= n_units)][0]
+            raise ValueError(f"plan refers to unit {bad} but there are {n_units}")
+        per_unit, out_items = _gather_segments(offs, items, self.items)
+        # Bin k's units are plan.items[offsets[k]:offsets[k+1]]: its items end where its last unit's do.
+        return BinPlan(per_unit[self.offsets], out_items, self.max_tokens, self.strategy, self.seed)
+
+
+def _index_array(a, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(f"{name} must be a 1-D integer array")
+    return arr.astype(np.int64, copy=False)
+
+
+def _gather_segments(offsets: np.ndarray, values: np.ndarray, idx: np.ndarray):
+    """CSR segments ``idx`` of ``(offsets, values)``, back to back: (new offsets, new values).
+    Vectorized (no loop over segments): plans hold up to millions of bins."""
+    starts, lens = offsets[idx], offsets[idx + 1] - offsets[idx]
+    new_offsets = np.zeros(idx.shape[0] + 1, np.int64)
+    np.cumsum(lens, out=new_offsets[1:])
+    # Output position p of segment s reads values[starts[s] + (p - new_offsets[s])].
+    pos = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(starts - new_offsets[:-1], lens)
+    return new_offsets, np.ascontiguousarray(values[pos], dtype=np.int64)
+
+
+def check_max_tokens(max_tokens) -> int:
+    """``max_tokens`` as an int, or ``ValueError`` naming it: an integer in [1, 2**24].
+
+    >>> check_max_tokens(4096)
+    4096
+    >>> check_max_tokens(0)
+    Traceback (most recent call last):
+    ValueError: max_tokens must be >= 1, got 0
+    """
     try:
         cap = operator.index(max_tokens)
     except TypeError:
@@ -410,7 +483,17 @@ def _check_max_tokens(max_tokens) -> int:
     return cap
 
 
-def _check_pad_to(pad_to, cap: int):
+def check_pad_to(pad_to, max_tokens) -> int | None:
+    """``pad_to`` as an int (or None: no padding), or ``ValueError`` naming it: an integer
+    >= ``max_tokens`` (itself checked as :func:`check_max_tokens` does).
+
+    >>> check_pad_to(None, 8), check_pad_to(16, 8)
+    (None, 16)
+    >>> check_pad_to(4, 8)
+    Traceback (most recent call last):
+    ValueError: pad_to=4 is smaller than max_tokens=8
+    """
+    cap = check_max_tokens(max_tokens)
     if pad_to is None:
         return None
     try:
@@ -420,6 +503,42 @@ def _check_pad_to(pad_to, cap: int):
     if pad_to < cap:
         raise ValueError(f"pad_to={pad_to} is smaller than max_tokens={cap}")
     return pad_to
+
+
+def check_strategy(strategy) -> str:
+    """``strategy`` if it is a planner strategy (``"bfd"`` or ``"ffs"``), else ``ValueError``.
+
+    >>> check_strategy("ffs")
+    'ffs'
+    >>> check_strategy("greedy")
+    Traceback (most recent call last):
+    ValueError: strategy must be one of ['bfd', 'ffs'], got 'greedy'
+    """
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    return strategy
+
+
+def check_overlong(overlong) -> str:
+    """``overlong`` if it is one of :data:`OVERLONG` (what :func:`pack` does with conversations
+    longer than ``max_tokens``), else ``ValueError``.
+
+    >>> check_overlong("truncate_turns")
+    'truncate_turns'
+    >>> check_overlong("split")
+    Traceback (most recent call last):
+    ValueError: overlong must be one of ['drop', 'error', 'truncate_turns'], got 'split'
+    """
+    if not isinstance(overlong, str) or overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {list(OVERLONG)}, got {overlong!r}")
+    return overlong
+
+
+def _check_seq_ids(seq_ids) -> bool:
+    """True for ``"local"`` seq_ids (the C++ flag), False for ``"global"``."""
+    if not isinstance(seq_ids, str) or seq_ids not in SEQ_IDS:
+        raise ValueError(f"seq_ids must be one of {list(SEQ_IDS)}, got {seq_ids!r}")
+    return seq_ids == "local"
 
 
 def plan_bins(lengths, max_tokens: int, *, strategy: str = "bfd", seed: int = 0) -> BinPlan:
@@ -436,9 +555,8 @@ def plan_bins(lengths, max_tokens: int, *, strategy: str = "bfd", seed: int = 0)
     >>> len(plan), sorted(plan.loads([4, 4, 2, 2, 3, 1]).tolist())
     (3, [4, 6, 6])
     """
-    cap = _check_max_tokens(max_tokens)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    cap = check_max_tokens(max_tokens)
+    strategy = check_strategy(strategy)
     seed = operator.index(seed)
     lens = np.asarray(lengths)
     if lens.ndim != 1 or (lens.size and lens.dtype.kind not in "iu"):
@@ -484,7 +602,9 @@ class Packed:
     """Packed rows. ``len(packed)`` rows; ``packed[i]`` is a dict of numpy arrays:
 
     ``input_ids``, ``labels``, ``position_ids``, ``seq_ids`` of length ``L`` (the row's length, or
-    ``pad_to``), ``cu_seqlens`` int32 ``[k + 1]`` and ``max_seqlen`` (a Python int).
+    ``pad_to``), ``cu_seqlens`` int32 ``[k + 1]`` and ``max_seqlen`` (a Python int). ``seq_ids``
+    (``"global"`` or ``"local"``, kept as ``seq_ids_mode``) says how seq_ids number conversations,
+    as in :func:`materialize`.
 
     :func:`pack` returns rows that are *built on access*: it plans the bins and keeps a reference to
     the flat conversations, and ``packed[i]`` (or iteration, 64 rows per C++ call) fills the arrays
@@ -504,13 +624,15 @@ class Packed:
     """
 
     def __init__(self, flat: FlatConversations, plan: BinPlan, stats: PackStats, pad_to: int | None,
-                 *, pad_id: int = 0, dtype=np.int64, arrays: dict | None = None):
+                 *, pad_id: int = 0, dtype=np.int64, seq_ids: str = "global", arrays: dict | None = None):
         self.flat = flat
         self.plan = plan
         self.stats = stats
         self.pad_to = pad_to
         self.pad_id = int(pad_id)
         self.dtype = np.dtype(dtype)
+        self._local = _check_seq_ids(seq_ids)
+        self.seq_ids_mode = seq_ids
         self._arrays = arrays
 
     def __len__(self) -> int:
@@ -522,7 +644,8 @@ class Packed:
         lo, hi = int(offs[start]), int(offs[stop])
         return _ext().materialize(
             self.flat.input_ids, self.flat.loss_mask, self.flat.offsets, offs[start : stop + 1] - lo,
-            self.plan.items[lo:hi], self.pad_to or 0, self.pad_id, self.dtype == np.int32, out,
+            self.plan.items[lo:hi], self.pad_to or 0, self.pad_id, self.dtype == np.int32,
+            self._local, out,
         )
 
     @staticmethod
@@ -606,6 +729,7 @@ def materialize(
     dtype=np.int64,
     rows: slice | None = None,
     out: dict | None = None,
+    seq_ids: str = "global",
 ) -> Packed:
     """Fill the rows of ``plan`` from ``flat`` now, in one C++ call (GIL released).
 
@@ -613,6 +737,10 @@ def materialize(
     dtype of ``input_ids``, ``labels``, ``position_ids`` and ``seq_ids``; ``cu_seqlens`` is always
     int32. With ``pad_to`` every row is padded to that length with ``pad_id`` (labels -100,
     seq_ids -1, positions restarting at 0) as one final ``cu_seqlens`` segment.
+
+    ``seq_ids``: ``"global"`` (default) gives every token the index of its conversation in
+    ``flat``; ``"local"`` numbers the conversations of each row 0, 1, ..., k-1 in row order (what
+    a per-row segment sum indexes by). Padding is -1 either way.
 
     ``rows`` (a slice of bins, step 1) materializes only those bins, e.g. one training batch at a
     time; its cost is proportional to those rows only. ``out`` is a dict of preallocated 1-D buffers
@@ -625,11 +753,16 @@ def materialize(
     >>> packed = materialize(flat, plan_bins(flat.lengths, 8))
     >>> packed[0]["position_ids"].tolist(), packed[0]["seq_ids"].tolist()
     ([0, 1, 2, 0, 1], [0, 0, 0, 1, 1])
+    >>> flat = flatten([([1, 2], [0, 1]), ([3], [0]), ([4, 5], [0, 1])])
+    >>> plan = BinPlan(np.array([0, 1, 3]), np.array([1, 2, 0]), 4, "given", 0)
+    >>> [materialize(flat, plan, seq_ids=s, pad_to=4)[1]["seq_ids"].tolist() for s in ("global", "local")]
+    [[2, 2, 0, 0], [0, 0, 1, 1]]
     """
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
         raise ValueError(f"dtype must be int64 or int32, got {dt}")
-    pad_to = _check_pad_to(pad_to, plan.max_tokens)
+    _check_seq_ids(seq_ids)
+    pad_to = check_pad_to(pad_to, plan.max_tokens)
     whole = rows is None
     if rows is not None:
         start, stop, step = rows.indices(len(plan))
@@ -639,7 +772,7 @@ def materialize(
         lo, hi = plan.offsets[start], plan.offsets[stop]
         plan = BinPlan(plan.offsets[start : stop + 1] - lo, plan.items[lo:hi],
                        plan.max_tokens, plan.strategy, plan.seed)
-    packed = Packed(flat, plan, None, pad_to, pad_id=pad_id, dtype=dt)
+    packed = Packed(flat, plan, None, pad_to, pad_id=pad_id, dtype=dt, seq_ids=seq_ids)
     arrays = packed._build(0, len(plan), out)
     packed._arrays = arrays
     real = int(arrays["real_tokens"])
@@ -668,6 +801,7 @@ def row_buffers(plan: BinPlan, lengths=None, *, pad_to: int | None = None, rows:
     >>> materialize(flat, plan, rows=slice(0, 1), out=buf)[0]["input_ids"].base is not None
     True
     """
+    pad_to = check_pad_to(pad_to, plan.max_tokens)
     n_bins = len(plan)
     rows = n_bins if rows is None else max(0, min(int(rows), n_bins))
     counts = np.diff(plan.offsets)
@@ -727,6 +861,7 @@ def pack(
     seed: int = 0,
     overlong: str = "drop",
     pad_to: int | None = None,
+    seq_ids: str = "global",
 ) -> Packed:
     """Pack conversations into rows of at most ``max_tokens`` tokens for varlen training.
 
@@ -745,7 +880,8 @@ def pack(
     ``packed.stats``); ``"error"`` raises ``ValueError`` naming the first one; ``"truncate_turns"``
     drops the oldest whole exchanges (see :mod:`refit_fast.packing.turns`), keeping the system turn
     (when its length is given) and the final exchange, else drops the conversation. ``pad_to`` pads
-    every row to that length (must be >= ``max_tokens``).
+    every row to that length (must be >= ``max_tokens``). ``seq_ids="local"`` numbers each row's
+    conversations 0..k-1 instead (see :func:`materialize`).
 
     The rows are built when read (``packed[i]``, iteration, or :meth:`Packed.materialize_all`), so
     ``pack`` itself only checks, flattens and plans; ``packed.stats`` is complete at once. A
@@ -761,12 +897,11 @@ def pack(
     >>> row["seq_ids"].tolist(), row["labels"].tolist(), row["cu_seqlens"].tolist()
     ([0, 0, 0, 0, 1, 1], [-100, 3, 4, -100, 6, -100], [0, 4, 6])
     """
-    cap = _check_max_tokens(max_tokens)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-    if overlong not in OVERLONG:
-        raise ValueError(f"overlong must be one of {list(OVERLONG)}, got {overlong!r}")
-    pad_to = _check_pad_to(pad_to, cap)
+    cap = check_max_tokens(max_tokens)
+    check_strategy(strategy)
+    check_overlong(overlong)
+    _check_seq_ids(seq_ids)
+    pad_to = check_pad_to(pad_to, cap)
     convs = None
     if not isinstance(conversations, FlatConversations):
         convs = conversations if isinstance(conversations, (list, tuple)) else list(conversations)
@@ -790,7 +925,7 @@ def pack(
     counts["dropped_conversations"] = len(flat) - int(plan.items.shape[0])
     counts["dropped_tokens"] = total - tok_trunc - kept_tokens
     # Rows are built when accessed (see Packed): packing costs what planning costs.
-    return Packed(flat, plan, _stats(flat, plan, pad_to, kept_tokens, counts), pad_to)
+    return Packed(flat, plan, _stats(flat, plan, pad_to, kept_tokens, counts), pad_to, seq_ids=seq_ids)
 
 
 def to_torch(row: dict, device=None, *, non_blocking: bool = False, dtype=None) -> dict:
