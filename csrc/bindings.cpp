@@ -160,7 +160,7 @@ bool native_byte_order(const py::dtype& dt) {
 // flatten's core: checks every conversation's arrays (1-D, equal non-zero lengths, integer ids,
 // bool/integer mask) with the GIL held, then copies and checks values (ids >= 0, mask 0/1) without
 // it. Errors name the first bad conversation: shape and dtype problems over all conversations
-// first, then values, the same order as the numpy fallback in packer.py.
+// first, then values, the same order as the numpy fallback in refit_fast/packing/flat.py.
 py::object flatten_arrays(const py::list& ids, const py::list& masks) {
   const size_t n = ids.size();
   if (masks.size() != n) throw std::invalid_argument("ids and masks differ in count");

@@ -31,7 +31,11 @@ from refit_fast.packing import (
     to_torch,
     truncate_turns,
 )
-from refit_fast.packing import packer as packer_module
+from refit_fast.packing import flat as flat_module
+from refit_fast.packing import options as options_module
+from refit_fast.packing import pipeline as pipeline_module
+from refit_fast.packing import plan as plan_module
+from refit_fast.packing import rows as rows_module
 from refit_fast.packing import turns as turns_module
 
 IGNORE = -100
@@ -592,7 +596,7 @@ def test_lazy_rows_equal_eager_rows():
     lazy = pack(convs, 1000, seed=4, pad_to=1003)
     eager = materialize(flatten(convs), lazy.plan, pad_to=1003)
     # 500 conversations make more rows than one iteration block, so block edges are crossed.
-    assert len(lazy) > packer_module._ITER_BLOCK
+    assert len(lazy) > rows_module._ITER_BLOCK
     assert lazy._arrays is None  # nothing built yet
     by_iter, by_index = _rows_of(lazy), [lazy[i] for i in range(len(lazy))]
     assert lazy._arrays is None  # iteration and indexing build rows without keeping them
@@ -677,7 +681,7 @@ def test_streamed_fill_matches_cached_fill(dtype, pad):
 def test_batch_cost_does_not_scan_other_conversations():
     """materialize(rows=...) checks only the conversations it copies (a batch costs O(batch))."""
     flat = flatten([GOOD, GOOD, GOOD])
-    plan = packer_module.BinPlan(np.array([0, 1, 2, 3]), np.array([0, 1, 2]), 8, "given", 0)
+    plan = BinPlan(np.array([0, 1, 2, 3]), np.array([0, 1, 2]), 8, "given", 0)
     offsets = flat.offsets.copy()
     offsets[2] = 100  # conversation 1 now ends, and 2 starts, outside the buffer
     broken = FlatConversations(flat.input_ids, flat.loss_mask, offsets)
@@ -810,7 +814,7 @@ def flatten_path(request, monkeypatch):
         def no_extension():
             raise ImportError("simulated: extension not built")
 
-        monkeypatch.setattr(packer_module, "_ext", no_extension)  # flatten only: nothing else runs
+        monkeypatch.setattr(flat_module, "_ext", no_extension)  # flatten only: nothing else runs
     return request.param
 
 
@@ -963,10 +967,10 @@ def test_bad_options_and_plans():
     with pytest.raises(ValueError, match="conversation 1: length 0"):
         plan_bins([3, 0], 8)
     flat = flatten([GOOD])
-    broken = packer_module.BinPlan(np.array([0, 1]), np.array([5]), 8, "bfd", 0)
+    broken = BinPlan(np.array([0, 1]), np.array([5]), 8, "bfd", 0)
     with pytest.raises(ValueError, match="conversation 5"):
         materialize(flat, broken)  # out-of-range index is caught before any read
-    tight = packer_module.BinPlan(np.array([0, 2]), np.array([0, 0]), 4, "bfd", 0)
+    tight = BinPlan(np.array([0, 2]), np.array([0, 0]), 4, "bfd", 0)
     with pytest.raises(ValueError, match="pad_to"):
         materialize(flat, tight, pad_to=4)
 
@@ -977,7 +981,7 @@ def test_empty_input():
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(packer_module, "_EXT", None)
+    monkeypatch.setattr(flat_module, "_EXT", None)
     monkeypatch.setitem(sys.modules, "refit_fast._packing", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install -e ."):
         pack([GOOD], 8)
@@ -995,12 +999,29 @@ def test_flat_input_is_accepted():
     np.testing.assert_array_equal(ids, convs[1][0])
 
 
-@pytest.mark.parametrize("module", [packer_module, turns_module], ids=["packer", "turns"])
+MODULES = [flat_module, plan_module, rows_module, pipeline_module, options_module, turns_module]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_docstring_examples(module):
     import doctest
 
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_package_exports_every_step():
+    import refit_fast.packing as package
+
+    before_split = {"BinPlan", "FlatConversations", "PackStats", "Packed", "exchange_starts", "flatten",
+                    "materialize", "pack", "plan_bins", "row_buffers", "to_torch", "truncate_turns"}
+    public = set().union(*(m.__all__ for m in MODULES))
+    assert before_split <= public and set(package.__all__) == public
+    for name in public:
+        assert getattr(package, name) is getattr(next(m for m in MODULES if name in m.__all__), name)
+    assert callable(package.pack)  # the function, not a module of the same name
+    with pytest.raises(ImportError):
+        __import__("refit_fast.packing.packer")  # split into the modules above, no shim left
 
 
 def test_reference_self_check():
