@@ -67,7 +67,8 @@ py::array_t<T> output(const py::object& out, const char* key, int64_t n) {
 template <class T>
 py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* conv_off,
                         const int64_t* bin_off, int64_t n_bins, const int64_t* items,
-                        const RowLayout& lay, int64_t pad_to, int64_t pad_id, const py::object& out) {
+                        const RowLayout& lay, int64_t pad_to, int64_t pad_id, bool local_seq_ids,
+                        const py::object& out) {
   const int64_t total = lay.total_tokens;
   py::array_t<T> o_ids = output<T>(out, "input_ids", total);
   py::array_t<T> o_lab = output<T>(out, "labels", total);
@@ -82,8 +83,8 @@ py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* 
   bool fits;
   {
     py::gil_scoped_release nogil;
-    fits = fill_rows<T>(ids, mask, conv_off, bin_off, n_bins, items, lay, pad_to, pad_id, pi, pl,
-                        pp, ps, pc, pm);
+    fits = fill_rows<T>(ids, mask, conv_off, bin_off, n_bins, items, lay, pad_to, pad_id,
+                        local_seq_ids, pi, pl, pp, ps, pc, pm);
   }
   if (!fits) {
     // Rare path: name the first offending conversation (in row order) for the error message.
@@ -117,7 +118,7 @@ py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* 
 py::dict materialize(const CArray<int64_t>& ids, const CArray<uint8_t>& mask,
                      const CArray<int64_t>& conv_offsets, const CArray<int64_t>& bin_offsets,
                      const CArray<int64_t>& items, int64_t pad_to, int64_t pad_id, bool int32_out,
-                     const py::object& out) {
+                     bool local_seq_ids, const py::object& out) {
   const int64_t* pid = data1d(ids, "ids");
   const uint8_t* pmask = data1d(mask, "mask");
   const int64_t* poff = data1d(conv_offsets, "conv_offsets");
@@ -137,8 +138,10 @@ py::dict materialize(const CArray<int64_t>& ids, const CArray<uint8_t>& mask,
   const RowLayout lay =
       layout_rows(poff, n_conv, ids.shape(0), pbin, n_bins, pit, items.shape(0), pad_to);
   if (int32_out)
-    return materialize_as<int32_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id, out);
-  return materialize_as<int64_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id, out);
+    return materialize_as<int32_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id,
+                                   local_seq_ids, out);
+  return materialize_as<int64_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id,
+                                 local_seq_ids, out);
 }
 
 [[noreturn]] void bad_conversation(size_t i, const std::string& why) {
@@ -157,7 +160,7 @@ bool native_byte_order(const py::dtype& dt) {
 // flatten's core: checks every conversation's arrays (1-D, equal non-zero lengths, integer ids,
 // bool/integer mask) with the GIL held, then copies and checks values (ids >= 0, mask 0/1) without
 // it. Errors name the first bad conversation: shape and dtype problems over all conversations
-// first, then values, the same order as the numpy fallback in packer.py.
+// first, then values, the same order as the numpy fallback in refit_fast/packing/flat.py.
 py::object flatten_arrays(const py::list& ids, const py::list& masks) {
   const size_t n = ids.size();
   if (masks.size() != n) throw std::invalid_argument("ids and masks differ in count");
@@ -221,7 +224,9 @@ PYBIND11_MODULE(_packing, m) {
         "Returns None, copying nothing, if some array is not in native byte order.");
   m.def("materialize", &materialize, py::arg("ids"), py::arg("mask"), py::arg("conv_offsets"),
         py::arg("bin_offsets"), py::arg("items"), py::arg("pad_to"), py::arg("pad_id"),
-        py::arg("int32_out"), py::arg("out") = py::none(),
+        py::arg("int32_out"), py::arg("local_seq_ids"), py::arg("out") = py::none(),
         "Fill all rows of a plan into flat arrays (GIL released); returns a dict of arrays. With out "
-        "(a dict of 1-D buffers), the token arrays and cu_seqlens are views of those buffers.");
+        "(a dict of 1-D buffers), the token arrays and cu_seqlens are views of those buffers. "
+        "local_seq_ids: seq_ids number the segments of each row 0..k-1 instead of naming the "
+        "conversation.");
 }

@@ -219,8 +219,9 @@ class RowSink {
 template <class T>
 bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offsets,
                const int64_t* bin_offsets, int64_t n_bins, const int64_t* items,
-               const RowLayout& layout, int64_t pad_to, int64_t pad_id, T* out_ids, T* out_labels,
-               T* out_pos, T* out_seq, int32_t* out_cu, int64_t* out_max_seqlen) {
+               const RowLayout& layout, int64_t pad_to, int64_t pad_id, bool local_seq_ids,
+               T* out_ids, T* out_labels, T* out_pos, T* out_seq, int32_t* out_cu,
+               int64_t* out_max_seqlen) {
   uint64_t id_bits = 0;  // OR of all copied ids: tells after the fact whether they are valid for T
   const bool stream = kCanStream && layout.total_tokens * int64_t(4 * sizeof(T)) > kStreamAboveBytes;
   RowSink<T> sink(out_ids, out_labels, out_pos, out_seq, stream);
@@ -235,7 +236,7 @@ bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offs
       const int64_t c = items[k];
       const int64_t a = conv_offsets[c];
       const int64_t len = conv_offsets[c + 1] - a;
-      const T sid = static_cast<T>(c);
+      const T sid = static_cast<T>(local_seq_ids ? k - bin_offsets[b] : c);
       if (k + 1 < n_items)
         prefetch_conversation(ids, mask, conv_offsets[items[k + 1]], conv_offsets[items[k + 1] + 1]);
       sink.write(at, len, [&](int64_t j0, int64_t j1, T* oi, T* ol, T* op, T* os) {
@@ -263,10 +264,10 @@ bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offs
 }
 
 template bool fill_rows<int64_t>(const int64_t*, const uint8_t*, const int64_t*, const int64_t*,
-                                 int64_t, const int64_t*, const RowLayout&, int64_t, int64_t,
+                                 int64_t, const int64_t*, const RowLayout&, int64_t, int64_t, bool,
                                  int64_t*, int64_t*, int64_t*, int64_t*, int32_t*, int64_t*);
 template bool fill_rows<int32_t>(const int64_t*, const uint8_t*, const int64_t*, const int64_t*,
-                                 int64_t, const int64_t*, const RowLayout&, int64_t, int64_t,
+                                 int64_t, const int64_t*, const RowLayout&, int64_t, int64_t, bool,
                                  int32_t*, int32_t*, int32_t*, int32_t*, int32_t*, int64_t*);
 
 }  // namespace refit_packing

@@ -81,12 +81,15 @@ RowLayout layout_rows(const int64_t* conv_offsets, int64_t n_conv, int64_t n_tok
                       int64_t n_items, int64_t pad_to);
 
 // Fills every row. Pure memory traffic; runs with the GIL released. T is int64_t or int32_t.
-// Returns false if some token id is negative or does not fit in T (the rows are then garbage).
+// seq_ids are the conversation's index in the input, or with local_seq_ids its place in its row
+// (0..k-1), which is what per-row segment reductions index by. Returns false if some token id is
+// negative or does not fit in T (the rows are then garbage).
 template <class T>
 bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offsets,
                const int64_t* bin_offsets, int64_t n_bins, const int64_t* items,
-               const RowLayout& layout, int64_t pad_to, int64_t pad_id, T* out_ids, T* out_labels,
-               T* out_pos, T* out_seq, int32_t* out_cu, int64_t* out_max_seqlen);
+               const RowLayout& layout, int64_t pad_to, int64_t pad_id, bool local_seq_ids,
+               T* out_ids, T* out_labels, T* out_pos, T* out_seq, int32_t* out_cu,
+               int64_t* out_max_seqlen);
 
 // One 1-D input array as flatten sees it: numpy's dtype kind ('i', 'u', 'b') and item size, and a
 // byte stride (views with steps are copied without a contiguous temporary).

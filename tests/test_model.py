@@ -12,11 +12,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` 
 
 from refit_fast.model import (
     ATTN_IMPLEMENTATION,
+    BACKENDS,
     BackendUnavailableError,
     PackedAttentionMeta,
+    PreparedAttention,
+    attention_backend,
     available_backends,
     block_causal_mask,
     build_model_from_config,
+    check_backend_name,
     concat_cu_seqlens,
     load_model,
     output_embedding,
@@ -28,6 +32,7 @@ from refit_fast.model import (
     varlen_attention_forward,
 )
 from refit_fast.model import attention as attn_mod
+from refit_fast.model import body as body_mod
 
 LENGTHS = [7, 13, 5, 11]  # odd lengths, so no segment lines up with anything
 PAD = 3
@@ -264,6 +269,79 @@ def test_forced_unavailable_backend_raises_clearly():
             _, ids, pos, cu, max_len = make_row()
             with pytest.raises(BackendUnavailableError, match="torch_varlen.*CUDA only"):
                 packed_hidden_states(model, ids, pos, cu, max_len)
+
+
+def test_backend_names_are_checked_by_one_function_naming_the_argument():
+    assert [check_backend_name(b) for b in BACKENDS] == ["auto", "flash", "torch_varlen", "sdpa"]
+    for bad in ("xformers", "SDPA", "", None, 3):
+        with pytest.raises(ValueError, match="model.attn_backend: unknown attention backend"):
+            check_backend_name(bad, "model.attn_backend")
+    model = build_model_from_config(tiny_config("llama"), attn_backend=None)
+    with pytest.raises(ValueError, match="^attn_backend: unknown attention backend 'xformers'"):
+        prepare_model(model, "xformers")
+    with pytest.raises(ValueError, match="^backend: unknown attention backend"):
+        resolve_backend("xformers", "cpu")
+    prepare_model(model, "sdpa")
+    _, ids, pos, cu, max_len = make_row()
+    with pytest.raises(ValueError, match="^backend: unknown attention backend 'eager'"):
+        packed_hidden_states(model, ids, pos, cu, max_len, backend="eager")
+    # Without a device only the name and the installation are checked: "auto" stays "auto".
+    assert resolve_backend("auto") == "auto" and resolve_backend("sdpa") == "sdpa"
+    if attn_mod._flash_varlen_func() is None:
+        with pytest.raises(BackendUnavailableError, match="flash-attn is not installed.*Use attn_backend='auto'"):
+            resolve_backend("flash")
+
+
+def test_prepare_records_the_backend_in_one_documented_place():
+    model = build_model_from_config(tiny_config("llama"), attn_backend=None)
+    assert attention_backend(model) is None
+    original = model.config._attn_implementation
+    prepare_model(model, "sdpa")
+    assert model.refit_attention == PreparedAttention("sdpa", previous=original)
+    assert attention_backend(model) == "sdpa"
+    prepare_model(model, "auto")  # again: the backend changes, the implementation to restore does not
+    assert model.refit_attention == PreparedAttention("auto", previous=original)
+    assert unprepare_model(model).config._attn_implementation == original
+    assert attention_backend(model) is None
+    # A model switched to refit_varlen by hand has no record: packed rows then use "auto".
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    _, ids, pos, cu, max_len = make_row()
+    assert packed_hidden_states(model, ids, pos, cu, max_len).shape == (ids.numel(), model.config.hidden_size)
+    assert attention_backend(prepare_model(model, "sdpa")) == "sdpa" and model.refit_attention.previous is None
+
+
+def test_forward_reads_the_recorded_backend_and_resolves_it_once(monkeypatch):
+    """No per-forward re-check in the body; one kernel choice per forward, shared by all 3 layers."""
+    model = build_model_from_config(tiny_config("llama", num_hidden_layers=3), attn_backend="auto")
+    calls = []
+    real = attn_mod.resolve_backend
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "resolve_backend", counting)
+    monkeypatch.setattr(body_mod, "resolve_backend", counting)
+    _, ids, pos, cu, max_len = make_row()
+    packed_hidden_states(model, ids, pos, cu, max_len)
+    assert [a[0] for a in calls] == ["auto"] and calls[0][1] == ids.device
+    model.refit_attention = PreparedAttention("sdpa")  # the forward reads this and nothing else
+    calls.clear()
+    packed_hidden_states(model, ids, pos, cu, max_len)
+    assert [a[0] for a in calls] == ["sdpa"]
+
+
+def test_raw_packing_kwargs_build_their_metadata_per_call():
+    """The raw cu_seqlens/max_seqlen path keeps no module-level cache (the dead _RAW_CACHE is gone)."""
+    assert not hasattr(attn_mod, "_RAW_CACHE") and not hasattr(attn_mod, "_meta_from_raw")
+    q = k = v = torch.randn(1, 2, 6, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    out, _ = varlen_attention_forward(None, q, k, v, None, cu_seqlens=cu, max_seqlen=4, refit_backend="sdpa")
+    cu[1] = 3  # changed in place: the next call must see the new boundaries
+    out2, _ = varlen_attention_forward(None, q, k, v, None, cu_seqlens=cu, max_seqlen=4, refit_backend="sdpa")
+    assert torch.equal(out[:, :2], out2[:, :2]) and not torch.equal(out[:, 2], out2[:, 2])
+    with pytest.raises(ValueError, match="refit_backend: unknown|backend: unknown"):
+        varlen_attention_forward(None, q, k, v, None, cu_seqlens=cu, refit_backend="nope")
 
 
 def test_bad_packing_metadata_raises():

@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from refit_fast.packing import (
+    BinPlan,
     FlatConversations,
+    check_max_tokens,
+    check_overlong,
+    check_pad_to,
+    check_strategy,
     exchange_starts,
     flatten,
     materialize,
@@ -26,7 +31,11 @@ from refit_fast.packing import (
     to_torch,
     truncate_turns,
 )
-from refit_fast.packing import packer as packer_module
+from refit_fast.packing import flat as flat_module
+from refit_fast.packing import options as options_module
+from refit_fast.packing import pipeline as pipeline_module
+from refit_fast.packing import plan as plan_module
+from refit_fast.packing import rows as rows_module
 from refit_fast.packing import turns as turns_module
 
 IGNORE = -100
@@ -103,19 +112,19 @@ def ref_plan(lengths, cap: int, strategy: str = "bfd", seed: int = 0) -> list[li
     return [bins[k] for k in perm]
 
 
-def ref_rows(convs, bins, pad_to=None, pad_id=0) -> list[dict]:
-    """Rows built token by token from the definition of every field."""
+def ref_rows(convs, bins, pad_to=None, pad_id=0, local=False) -> list[dict]:
+    """Rows built token by token from the definition of every field (``local``: seq_ids="local")."""
     rows = []
     for b in bins:
         r = {"input_ids": [], "labels": [], "position_ids": [], "seq_ids": [], "cu_seqlens": [0]}
         seglens = []
-        for c in b:
+        for place, c in enumerate(b):
             ids, mask = (list(map(int, x)) for x in convs[c][:2])
             for j in range(len(ids)):
                 r["input_ids"].append(ids[j])
                 r["labels"].append(ids[j + 1] if j + 1 < len(ids) and mask[j + 1] else IGNORE)
                 r["position_ids"].append(j)
-                r["seq_ids"].append(c)
+                r["seq_ids"].append(place if local else c)
             r["cu_seqlens"].append(len(r["input_ids"]))
             seglens.append(len(ids))
         if pad_to is not None and len(r["input_ids"]) < pad_to:
@@ -429,6 +438,150 @@ def test_to_torch():
 
 
 # --------------------------------------------------------------------------------------------------
+# What the trainer builds on: local seq_ids, plan take/expand, the shared validators
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("pad_to", [None, 70])
+def test_local_seq_ids(dtype, pad_to):
+    rng = np.random.default_rng(17)
+    lengths = rng.integers(1, 40, 90)
+    convs = make_convs(lengths, rng)
+    flat = flatten(convs)
+    plan = plan_bins(flat.lengths, 64, seed=5)
+    bins = plan_as_lists(plan)
+    assert max(map(len, bins)) > 2  # rows with several conversations, so local != global
+    local = materialize(flat, plan, seq_ids="local", pad_to=pad_to, dtype=dtype)
+    rows_equal(local, ref_rows(convs, bins, pad_to, local=True))
+    assert local.seq_ids.dtype == dtype
+    rows_equal(materialize(flat, plan, seq_ids="global", pad_to=pad_to, dtype=dtype), ref_rows(convs, bins, pad_to))
+    # Batches into reused buffers, as the trainer reads them.
+    buf = row_buffers(plan, flat.lengths, pad_to=pad_to, rows=4, dtype=dtype)
+    for a in range(0, len(plan), 4):
+        part = materialize(flat, plan, rows=slice(a, a + 4), out=buf, seq_ids="local", pad_to=pad_to, dtype=dtype)
+        assert np.shares_memory(part.seq_ids, buf["seq_ids"])
+        rows_equal(part, ref_rows(convs, bins[a : a + 4], pad_to, local=True))
+    # Rows built on access keep the numbering too.
+    lazy = pack(convs, 64, seed=5, seq_ids="local", pad_to=pad_to)
+    assert lazy.seq_ids_mode == "local"
+    rows_equal(lazy, ref_rows(convs, bins, pad_to, local=True))
+    rows_equal([lazy[3]], ref_rows(convs, [bins[3]], pad_to, local=True))
+
+
+@pytest.mark.parametrize("bad", ["row", "", None, 1, "LOCAL"])
+def test_seq_ids_must_be_global_or_local(bad):
+    flat = flatten([GOOD])
+    plan = plan_bins(flat.lengths, 8)
+    with pytest.raises(ValueError, match="seq_ids must be one of"):
+        materialize(flat, plan, seq_ids=bad)
+    with pytest.raises(ValueError, match="seq_ids must be one of"):
+        pack([GOOD], 8, seq_ids=bad)
+
+
+def test_plan_take():
+    rng = np.random.default_rng(23)
+    lengths = rng.integers(1, 100, 300)
+    flat = flatten(make_convs(lengths, rng))
+    plan = plan_bins(flat.lengths, 256, seed=3, strategy="ffs")
+    whole = materialize(flat, plan)
+    pick = rng.permutation(len(plan))[:17]
+    pick[3] = pick[3] - len(plan)  # negative indices count from the end, as plan[k] does
+    sub = plan.take(pick)
+    assert isinstance(sub, BinPlan) and len(sub) == 17
+    assert (sub.max_tokens, sub.strategy, sub.seed) == (256, "ffs", 3)
+    assert plan_as_lists(sub) == [plan[int(k)].tolist() for k in pick]
+    assert sub.offsets.dtype == np.int64 and sub.items.dtype == np.int64
+    # Its rows are the picked rows of the whole plan, read in one slice.
+    got = materialize(flat, sub, rows=slice(0, 17))
+    for r, k in enumerate(pick):
+        for key, v in got[r].items():
+            np.testing.assert_array_equal(v, whole[int(k)][key], err_msg=key)
+    assert len(plan.take([])) == 0 and plan.take(np.array([], np.int32)).items.shape == (0,)
+    assert plan_as_lists(plan.take([1, 1])) == [plan[1].tolist()] * 2
+    with pytest.raises(IndexError, match="out of range"):
+        plan.take([0, len(plan)])
+    with pytest.raises(IndexError, match="out of range"):
+        plan.take([-len(plan) - 1])
+    with pytest.raises(ValueError, match="bins must be a 1-D integer array"):
+        plan.take([0.5])
+    with pytest.raises(ValueError, match="bins must be a 1-D integer array"):
+        plan.take([[0]])
+
+
+def test_plan_expand_over_units():
+    rng = np.random.default_rng(29)
+    # DPO-style units: unit u holds conversations 2u and 2u+1 (chosen, rejected), listed in any
+    # order; here shuffled so that unit order and item order differ.
+    n_units = 120
+    lengths = rng.integers(1, 60, 2 * n_units)
+    convs = make_convs(lengths, rng)
+    order = rng.permutation(n_units)
+    unit_items = np.stack([2 * order, 2 * order + 1], axis=1).ravel()
+    unit_offsets = np.arange(0, 2 * n_units + 1, 2)
+    unit_lengths = np.add.reduceat(lengths[unit_items], unit_offsets[:-1])
+    unit_plan = plan_bins(unit_lengths, 128, seed=11)
+    plan = unit_plan.expand(unit_offsets, unit_items)
+    assert (plan.max_tokens, plan.strategy, plan.seed) == (128, "bfd", 11) and len(plan) == len(unit_plan)
+    want = [[int(c) for u in b for c in unit_items[unit_offsets[u] : unit_offsets[u + 1]]] for b in unit_plan]
+    assert plan_as_lists(plan) == want
+    np.testing.assert_array_equal(plan.loads(lengths), unit_plan.loads(unit_lengths))
+    rows_equal(materialize(flatten(convs), plan, seq_ids="local"), ref_rows(convs, want, local=True))
+    # Units of different sizes (including empty ones) and offsets that start after 0.
+    ragged = BinPlan(np.array([0, 2, 3, 3]), np.array([2, 0, 1]), 9, "ffs", 4)
+    items = np.array([9, 7, 8, 5, 6, 4], np.int32)
+    offs = np.array([1, 3, 3, 6])  # unit 0 = [7, 8], unit 1 = [], unit 2 = [5, 6, 4]
+    got = ragged.expand(offs, items)
+    assert plan_as_lists(got) == [[5, 6, 4, 7, 8], [], []]
+    assert got.offsets.tolist() == [0, 5, 5, 5]
+    # The same plan over units of one item each is the plan itself.
+    same = unit_plan.expand(np.arange(n_units + 1), np.arange(n_units))
+    np.testing.assert_array_equal(same.items, unit_plan.items)
+    np.testing.assert_array_equal(same.offsets, unit_plan.offsets)
+    with pytest.raises(ValueError, match="plan refers to unit 2 but there are 2"):
+        ragged.expand(offs[:3], items)
+    with pytest.raises(ValueError, match="unit_offsets must be non-decreasing"):
+        ragged.expand(np.array([0, 3, 2, 6]), items)
+    with pytest.raises(ValueError, match="unit_offsets must be non-decreasing"):
+        ragged.expand(np.array([0, 3, 4, 7]), items)
+    with pytest.raises(ValueError, match="unit_offsets needs at least one element"):
+        BinPlan(np.array([0]), np.array([], np.int64), 9, "bfd", 0).expand([], items)
+    with pytest.raises(ValueError, match="unit_items must be a 1-D integer array"):
+        ragged.expand(offs, items.astype(float))
+
+
+def test_validators():
+    assert check_max_tokens(np.int32(64)) == 64 and type(check_max_tokens(np.int32(64))) is int
+    assert check_strategy("bfd") == "bfd" and check_overlong("drop") == "drop"
+    assert check_pad_to(None, 8) is None and check_pad_to(np.int64(8), 8) == 8
+    for bad in (0, -1, 2.0, "8", None, (1 << 24) + 1):
+        with pytest.raises(ValueError, match="^max_tokens must be"):
+            check_max_tokens(bad)
+    for bad in ("greedy", "BFD", None, 0, ["bfd"]):  # a list is unhashable: still ValueError
+        with pytest.raises(ValueError, match="^strategy must be one of"):
+            check_strategy(bad)
+    for bad in ("split", None, ["drop"]):
+        with pytest.raises(ValueError, match="^overlong must be one of"):
+            check_overlong(bad)
+    for bad in (7, 2.5, "16"):
+        with pytest.raises(ValueError, match="pad_to"):
+            check_pad_to(bad, 8)
+    with pytest.raises(ValueError, match="^max_tokens must be"):
+        check_pad_to(16, 0)
+    # The same rules hold where the packer takes these arguments.
+    flat = flatten([GOOD])
+    plan = plan_bins(flat.lengths, 8)
+    with pytest.raises(ValueError, match="^strategy must be one of"):
+        plan_bins([3], 8, strategy=None)
+    with pytest.raises(ValueError, match="pad_to=7 is smaller than max_tokens=8"):
+        row_buffers(plan, pad_to=7)
+    with pytest.raises(ValueError, match="pad_to=7 is smaller than max_tokens=8"):
+        materialize(flat, plan, pad_to=7)
+    with pytest.raises(ValueError, match="^overlong must be one of"):
+        pack([GOOD], 8, overlong=None)
+
+
+# --------------------------------------------------------------------------------------------------
 # Rows built on access, streamed fills, per-batch cost
 # --------------------------------------------------------------------------------------------------
 
@@ -443,7 +596,7 @@ def test_lazy_rows_equal_eager_rows():
     lazy = pack(convs, 1000, seed=4, pad_to=1003)
     eager = materialize(flatten(convs), lazy.plan, pad_to=1003)
     # 500 conversations make more rows than one iteration block, so block edges are crossed.
-    assert len(lazy) > packer_module._ITER_BLOCK
+    assert len(lazy) > rows_module._ITER_BLOCK
     assert lazy._arrays is None  # nothing built yet
     by_iter, by_index = _rows_of(lazy), [lazy[i] for i in range(len(lazy))]
     assert lazy._arrays is None  # iteration and indexing build rows without keeping them
@@ -528,7 +681,7 @@ def test_streamed_fill_matches_cached_fill(dtype, pad):
 def test_batch_cost_does_not_scan_other_conversations():
     """materialize(rows=...) checks only the conversations it copies (a batch costs O(batch))."""
     flat = flatten([GOOD, GOOD, GOOD])
-    plan = packer_module.BinPlan(np.array([0, 1, 2, 3]), np.array([0, 1, 2]), 8, "given", 0)
+    plan = BinPlan(np.array([0, 1, 2, 3]), np.array([0, 1, 2]), 8, "given", 0)
     offsets = flat.offsets.copy()
     offsets[2] = 100  # conversation 1 now ends, and 2 starts, outside the buffer
     broken = FlatConversations(flat.input_ids, flat.loss_mask, offsets)
@@ -661,7 +814,7 @@ def flatten_path(request, monkeypatch):
         def no_extension():
             raise ImportError("simulated: extension not built")
 
-        monkeypatch.setattr(packer_module, "_ext", no_extension)  # flatten only: nothing else runs
+        monkeypatch.setattr(flat_module, "_ext", no_extension)  # flatten only: nothing else runs
     return request.param
 
 
@@ -814,10 +967,10 @@ def test_bad_options_and_plans():
     with pytest.raises(ValueError, match="conversation 1: length 0"):
         plan_bins([3, 0], 8)
     flat = flatten([GOOD])
-    broken = packer_module.BinPlan(np.array([0, 1]), np.array([5]), 8, "bfd", 0)
+    broken = BinPlan(np.array([0, 1]), np.array([5]), 8, "bfd", 0)
     with pytest.raises(ValueError, match="conversation 5"):
         materialize(flat, broken)  # out-of-range index is caught before any read
-    tight = packer_module.BinPlan(np.array([0, 2]), np.array([0, 0]), 4, "bfd", 0)
+    tight = BinPlan(np.array([0, 2]), np.array([0, 0]), 4, "bfd", 0)
     with pytest.raises(ValueError, match="pad_to"):
         materialize(flat, tight, pad_to=4)
 
@@ -828,7 +981,7 @@ def test_empty_input():
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(packer_module, "_EXT", None)
+    monkeypatch.setattr(flat_module, "_EXT", None)
     monkeypatch.setitem(sys.modules, "refit_fast._packing", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install -e ."):
         pack([GOOD], 8)
@@ -846,12 +999,29 @@ def test_flat_input_is_accepted():
     np.testing.assert_array_equal(ids, convs[1][0])
 
 
-@pytest.mark.parametrize("module", [packer_module, turns_module], ids=["packer", "turns"])
+MODULES = [flat_module, plan_module, rows_module, pipeline_module, options_module, turns_module]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_docstring_examples(module):
     import doctest
 
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_package_exports_every_step():
+    import refit_fast.packing as package
+
+    before_split = {"BinPlan", "FlatConversations", "PackStats", "Packed", "exchange_starts", "flatten",
+                    "materialize", "pack", "plan_bins", "row_buffers", "to_torch", "truncate_turns"}
+    public = set().union(*(m.__all__ for m in MODULES))
+    assert before_split <= public and set(package.__all__) == public
+    for name in public:
+        assert getattr(package, name) is getattr(next(m for m in MODULES if name in m.__all__), name)
+    assert callable(package.pack)  # the function, not a module of the same name
+    with pytest.raises(ImportError):
+        __import__("refit_fast.packing.packer")  # split into the modules above, no shim left
 
 
 def test_reference_self_check():

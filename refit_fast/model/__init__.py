@@ -1,7 +1,8 @@
 """The model body on packed rows: varlen attention for HF causal LMs, hidden states only.
 
-    from refit_fast.model import prepare_model, packed_hidden_states, output_embedding
+    from refit_fast.model import attention_backend, prepare_model, packed_hidden_states, output_embedding
     model = prepare_model(model, attn_backend="auto")        # flash-attn > torch varlen > SDPA mask
+    attention_backend(model)                                 # 'auto': what prepare_model checked and recorded
     hidden = packed_hidden_states(model, input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, D]
     weight, bias = output_embedding(model)                   # for weighted_ce; no logits built here
 """
@@ -12,31 +13,38 @@ from refit_fast.model.attention import (
     PackedAttentionMeta,
     available_backends,
     block_causal_mask,
+    check_backend_name,
     concat_cu_seqlens,
     register_attention,
     resolve_backend,
     varlen_attention_forward,
 )
 from refit_fast.model.body import (
+    PREPARED_ATTRIBUTE,
+    PreparedAttention,
+    attention_backend,
     base_model,
     enable_checkpointing,
-    load_model,
     output_embedding,
     packed_hidden_states,
     prepare_model,
     unprepare_model,
 )
-from refit_fast.model.build import build_model_from_config, tiny_config
+from refit_fast.model.build import build_model_from_config, load_model, tiny_config
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "BACKENDS",
     "BackendUnavailableError",
+    "PREPARED_ATTRIBUTE",
     "PackedAttentionMeta",
+    "PreparedAttention",
+    "attention_backend",
     "available_backends",
     "base_model",
     "block_causal_mask",
     "build_model_from_config",
+    "check_backend_name",
     "concat_cu_seqlens",
     "enable_checkpointing",
     "load_model",

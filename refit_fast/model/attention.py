@@ -6,6 +6,11 @@ one attention implementation, ``"refit_varlen"``, with transformers' ``Attention
 attention layers call it with the packing metadata that :func:`refit_fast.model.packed_hidden_states`
 threads through the forward kwargs.
 
+The backend rule lives here and only here: :func:`check_backend_name` (the valid names, also used to
+validate configs) and :func:`resolve_backend` (installed? runs on this device and dtype? what does
+``"auto"`` pick?). :func:`refit_fast.model.prepare_model` checks the choice once and records it on the
+model; each forward only turns ``"auto"`` into a kernel for the tensors it meets (once per forward).
+
 Backends, chosen per forward by ``backend="auto"`` in this order:
 
 1. ``"flash"``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, flash-attn installed);
@@ -27,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +47,7 @@ __all__ = [
     "PackedAttentionMeta",
     "available_backends",
     "block_causal_mask",
+    "check_backend_name",
     "concat_cu_seqlens",
     "register_attention",
     "resolve_backend",
@@ -97,13 +102,17 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = 
     return out
 
 
-def _why_unavailable(backend: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
-    if backend == "sdpa":
-        return None
+def _why_not_installed(backend: str) -> str | None:
     if backend == "flash" and _flash_varlen_func() is None:
         return "flash-attn is not installed (pip install 'refit-fast[flash]'; needs CUDA)"
     if backend == "torch_varlen" and _torch_varlen_func() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.9)"
+    return None
+
+
+def _why_cannot_run(backend: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    if backend in ("auto", "sdpa"):
+        return None
     if device.type != "cuda":
         return f"it has no kernel for device {device.type!r} (CUDA only); use backend='sdpa' or 'auto'"
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
@@ -111,28 +120,59 @@ def _why_unavailable(backend: str, device: torch.device, dtype: torch.dtype | No
     return None
 
 
-def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
-    """Turn ``"auto"`` into a concrete backend, or check that a forced one can run.
+def check_backend_name(name, argument: str = "attn_backend") -> str:
+    """Return ``name`` if it is one of :data:`BACKENDS`, else raise ``ValueError`` naming ``argument``.
 
-    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` (with the reason)
-    when a forced backend cannot run on ``device``/``dtype``.
+    Only the name is checked (nothing is imported), so configs can be validated on any machine.
 
     Example:
-        >>> resolve_backend("auto", "cpu")
+        >>> check_backend_name("sdpa")
         'sdpa'
+        >>> check_backend_name("xformers", "model.attn_backend")
+        Traceback (most recent call last):
+        ...
+        ValueError: model.attn_backend: unknown attention backend 'xformers'; must be auto, flash, torch_varlen or sdpa
+    """
+    if not isinstance(name, str) or name not in BACKENDS:
+        names = ", ".join(BACKENDS[:-1]) + f" or {BACKENDS[-1]}"
+        raise ValueError(f"{argument}: unknown attention backend {name!r}; must be {names}")
+    return name
+
+
+def resolve_backend(
+    backend: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    argument: str = "backend",
+) -> str:
+    """Check a backend name against this installation and, given a ``device``, pick the kernel to run.
+
+    Without ``device`` (set-up time, the model may still move): the name is checked and a forced backend
+    must be installed; the name comes back unchanged, ``"auto"`` included. With ``device`` (and the
+    tensors' ``dtype``): ``"auto"`` becomes the best concrete backend, and a forced one must be able to
+    run there. Raises ``ValueError`` for an unknown name (naming ``argument``) and
+    :class:`BackendUnavailableError` (with the reason) when a forced backend cannot run.
+
+    Example:
+        >>> resolve_backend("auto"), resolve_backend("auto", "cpu")
+        ('auto', 'sdpa')
         >>> resolve_backend("flash", "cpu")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         refit_fast.model.attention.BackendUnavailableError: attention backend 'flash' is unavailable: ...
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    device = torch.device(device)
-    if backend == "auto":
-        return available_backends(device, dtype if dtype is not None else torch.float32)[0]
-    why = _why_unavailable(backend, device, dtype)
+    check_backend_name(backend, argument)
+    if device is None:
+        why = _why_not_installed(backend)
+    else:
+        device = torch.device(device)
+        if backend == "auto":
+            return available_backends(device, dtype if dtype is not None else torch.float32)[0]
+        why = _why_not_installed(backend) or _why_cannot_run(backend, device, dtype)
     if why is not None:
-        raise BackendUnavailableError(f"attention backend {backend!r} is unavailable: {why}")
+        hint = ". Use attn_backend='auto'." if device is None else ""
+        raise BackendUnavailableError(f"attention backend {backend!r} is unavailable: {why}{hint}")
     return backend
 
 
@@ -181,8 +221,10 @@ class PackedAttentionMeta:
     """Packing metadata for one forward, passed to every attention layer as the ``refit_packed`` kwarg.
 
     ``cu_seqlens`` int32 ``[k+1]`` over the flattened ``batch*seqlen`` tokens (on the model's device),
-    ``max_seqlen`` the longest segment, ``backend`` a concrete backend name. SDPA masks are built lazily,
-    once per sliding-window size, and cached here, so all layers (and checkpoint recomputation) share them.
+    ``max_seqlen`` the longest segment, ``backend`` a name of :data:`BACKENDS` (``"auto"`` included).
+    SDPA masks are built lazily, once per sliding-window size, and the kernel ``"auto"`` picks once per
+    device and dtype (:meth:`kernel`); both are cached here, so all layers (and checkpoint
+    recomputation) share them.
 
     Example:
         >>> meta = PackedAttentionMeta.build(torch.tensor([0, 4, 7]), 4, batch=1, seqlen=7, backend="sdpa")
@@ -196,6 +238,7 @@ class PackedAttentionMeta:
     seqlen: int
     backend: str
     _masks: dict = field(default_factory=dict, repr=False)
+    _kernels: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -260,21 +303,20 @@ class PackedAttentionMeta:
             self._masks[key] = block_causal_mask(self.cu_seqlens, self.batch, self.seqlen, sliding_window)
         return self._masks[key]
 
+    def kernel(self, device: torch.device | str, dtype: torch.dtype | None) -> str:
+        """The concrete backend for query tensors on ``device`` with ``dtype`` (:func:`resolve_backend`),
+        decided at the first layer and reused by the others.
 
-# One-entry cache for callers that pass raw ``cu_seqlens``/``max_seqlen`` kwargs instead of a meta object:
-# all layers of one forward see the same tensor object, so keying on its identity builds the mask once.
-_RAW_CACHE: dict = {"ref": None, "version": None, "key": None, "meta": None}
-
-
-def _meta_from_raw(cu_seqlens, max_seqlen, batch, seqlen, backend, device) -> PackedAttentionMeta:
-    c = _RAW_CACHE
-    key = (batch, seqlen, backend, str(device), max_seqlen)
-    ref = c["ref"]() if c["ref"] is not None else None
-    if ref is cu_seqlens and c["version"] == cu_seqlens._version and c["key"] == key:
-        return c["meta"]
-    meta = PackedAttentionMeta.build(cu_seqlens, max_seqlen, batch=batch, seqlen=seqlen, backend=backend, device=device)
-    c.update(ref=weakref.ref(cu_seqlens), version=cu_seqlens._version, key=key, meta=meta)
-    return meta
+        Example:
+            >>> PackedAttentionMeta.build(torch.tensor([0, 3]), 3, batch=1, seqlen=3, backend="auto").kernel(
+            ...     "cpu", torch.float32)
+            'sdpa'
+        """
+        # Keyed on the query's dtype, not the model's: autocast may change it between layers' inputs.
+        key = (str(device), dtype)
+        if key not in self._kernels:
+            self._kernels[key] = resolve_backend(self.backend, device, dtype)
+        return self._kernels[key]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,19 +432,12 @@ def varlen_attention_forward(
         raise ValueError("refit_varlen attention is for training/scoring packed rows: no KV cache (use_cache=False)")
     meta = refit_packed
     if meta is None:
-        meta = _meta_from_raw(cu_seqlens, max_seqlen, b, t, refit_backend, query.device)
+        meta = PackedAttentionMeta.build(cu_seqlens, max_seqlen, batch=b, seqlen=t, backend=refit_backend,
+                                         device=query.device)
     if meta.batch != b or meta.seqlen != t:
         raise ValueError(f"packing metadata is for [{meta.batch}, {meta.seqlen}] but attention got [{b}, {t}]")
-    backend = meta.backend
-    if backend == "auto":
-        backend = resolve_backend(backend, query.device, query.dtype)
-    elif backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    else:
-        # A forced backend may meet a device/dtype it cannot run (e.g. the model moved); say why.
-        why = _why_unavailable(backend, query.device, query.dtype)
-        if why is not None:
-            raise BackendUnavailableError(f"attention backend {backend!r} is unavailable: {why}")
+    # A forced backend may meet a device/dtype it cannot run (e.g. the model moved): this says why.
+    backend = meta.kernel(query.device, query.dtype)
     if softcap is not None and backend != "flash":
         raise NotImplementedError(f"attention softcap is only supported by backend 'flash', not {backend!r}")
     if backend == "flash":

@@ -14,44 +14,65 @@ Typical use by the trainer::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from refit_fast.model.attention import (
     ATTN_IMPLEMENTATION,
-    BACKENDS,
-    BackendUnavailableError,
     PackedAttentionMeta,
-    _flash_varlen_func,
-    _torch_varlen_func,
+    check_backend_name,
     register_attention,
+    resolve_backend,
 )
 
 __all__ = [
+    "PREPARED_ATTRIBUTE",
+    "PreparedAttention",
+    "attention_backend",
     "base_model",
     "enable_checkpointing",
-    "load_model",
     "output_embedding",
     "packed_hidden_states",
     "prepare_model",
     "unprepare_model",
 ]
 
+# The one place a prepared model keeps its attention settings: ``model.refit_attention``.
+PREPARED_ATTRIBUTE = "refit_attention"
 
-def _check_installed(backend: str) -> None:
-    """Fail early, at set-up, for a forced backend this installation can never run (device checks wait
-    for the forward, since the model may still move to CUDA)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "flash" and _flash_varlen_func() is None:
-        raise BackendUnavailableError(
-            "attention backend 'flash' is unavailable: flash-attn is not installed "
-            "(pip install 'refit-fast[flash]'; needs CUDA). Use attn_backend='auto'."
-        )
-    if backend == "torch_varlen" and _torch_varlen_func() is None:
-        raise BackendUnavailableError(
-            f"attention backend 'torch_varlen' is unavailable: torch {torch.__version__} has no "
-            "torch.nn.attention.varlen.varlen_attn (needs torch >= 2.9). Use attn_backend='auto'."
-        )
+
+@dataclass(frozen=True)
+class PreparedAttention:
+    """What :func:`prepare_model` recorded on a model, as ``model.refit_attention``.
+
+    ``backend``: the checked backend name (``"auto"``, ``"flash"``, ``"torch_varlen"`` or ``"sdpa"``);
+    every packed forward reads it from here. ``"auto"`` stays ``"auto"``: the kernel is picked per
+    forward from the tensors' device and dtype (see :func:`refit_fast.model.resolve_backend`).
+    ``previous``: the attention implementation before the first :func:`prepare_model` (None if
+    unknown), which :func:`unprepare_model` restores.
+
+    Example:
+        >>> PreparedAttention("sdpa", previous="eager").backend
+        'sdpa'
+    """
+
+    backend: str
+    previous: str | None = None
+
+
+def attention_backend(model: torch.nn.Module) -> str | None:
+    """The attention backend :func:`prepare_model` recorded on ``model``, or None if it was not prepared.
+
+    Example:
+        >>> from refit_fast.model import build_model_from_config, tiny_config
+        >>> attention_backend(build_model_from_config(tiny_config(), attn_backend="sdpa"))
+        'sdpa'
+        >>> attention_backend(build_model_from_config(tiny_config(), attn_backend=None)) is None
+        True
+    """
+    prepared = getattr(model, PREPARED_ATTRIBUTE, None)
+    return prepared.backend if isinstance(prepared, PreparedAttention) else None
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -77,11 +98,13 @@ def prepare_model(model: torch.nn.Module, attn_backend: str = "auto") -> torch.n
     """Switch a HF causal LM (in place) to packed varlen attention; returns the model.
 
     ``attn_backend``: ``"auto"`` (flash-attn, then torch varlen, on CUDA with fp16/bf16; SDPA with a
-    block-diagonal mask otherwise) or a forced ``"flash"`` / ``"torch_varlen"`` / ``"sdpa"``. A forced
-    backend that is not installed raises :class:`BackendUnavailableError` here; one that cannot run on
-    the tensors' device/dtype raises it at the first forward. Works with gradient checkpointing enabled
-    before or after this call. :func:`unprepare_model` restores the previous implementation
-    (e.g. for generation with padded batches).
+    block-diagonal mask otherwise) or a forced ``"flash"`` / ``"torch_varlen"`` / ``"sdpa"``. It is
+    checked here, once (an unknown name raises ``ValueError``, a forced backend that is not installed
+    :class:`BackendUnavailableError`), and recorded as ``model.refit_attention``
+    (:class:`PreparedAttention`; read it with :func:`attention_backend`). A forced backend that cannot
+    run on the tensors' device/dtype raises :class:`BackendUnavailableError` at the first forward.
+    Works with gradient checkpointing enabled before or after this call. :func:`unprepare_model`
+    restores the previous implementation (e.g. for generation with padded batches).
 
     Example:
         >>> from refit_fast.model import build_model_from_config, tiny_config
@@ -89,11 +112,14 @@ def prepare_model(model: torch.nn.Module, attn_backend: str = "auto") -> torch.n
         >>> model.config._attn_implementation
         'refit_varlen'
     """
-    _check_installed(attn_backend)
+    resolve_backend(attn_backend, argument="attn_backend")
     register_attention()
     previous = model.config._attn_implementation
-    if previous != ATTN_IMPLEMENTATION:
-        model._refit_previous_attn = previous
+    if previous == ATTN_IMPLEMENTATION:
+        # Prepared twice: unprepare still goes back to the original (unknown if switched by hand).
+        earlier = getattr(model, PREPARED_ATTRIBUTE, None)
+        previous = earlier.previous if isinstance(earlier, PreparedAttention) else None
+    else:
         try:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except (AttributeError, ValueError, KeyError):
@@ -104,7 +130,7 @@ def prepare_model(model: torch.nn.Module, attn_backend: str = "auto") -> torch.n
                 f"{type(model).__name__} did not accept attn_implementation={ATTN_IMPLEMENTATION!r}; "
                 "it must use transformers' AttentionInterface"
             )
-    model._refit_attn_backend = attn_backend
+    setattr(model, PREPARED_ATTRIBUTE, PreparedAttention(attn_backend, previous))
     return model
 
 
@@ -136,8 +162,11 @@ def unprepare_model(model: torch.nn.Module, attn_implementation: str | None = No
         >>> unprepare_model(build_model_from_config(tiny_config("llama"))).config._attn_implementation
         'sdpa'
     """
-    impl = attn_implementation or getattr(model, "_refit_previous_attn", None) or "sdpa"
-    model.set_attn_implementation(impl)
+    prepared = getattr(model, PREPARED_ATTRIBUTE, None)
+    previous = prepared.previous if isinstance(prepared, PreparedAttention) else None
+    model.set_attn_implementation(attn_implementation or previous or "sdpa")
+    if prepared is not None:
+        delattr(model, PREPARED_ATTRIBUTE)
     return model
 
 
@@ -157,7 +186,8 @@ def packed_hidden_states(
     ``cu_seqlens`` over the flattened ``B*T`` tokens, see ``concat_cu_seqlens``); ``position_ids`` restart
     at 0 per conversation. ``cu_seqlens`` int ``[k+1]`` from 0 to ``B*T`` (a padding tail is just one
     more segment); ``max_seqlen`` the longest segment (computed if None). ``model`` must have been through
-    :func:`prepare_model`; ``backend`` overrides the backend chosen there for this call. Runs the base
+    :func:`prepare_model`, whose backend (:func:`attention_backend`) is used; ``backend`` overrides it
+    for this call. Runs the base
     model with ``use_cache=False``; gradients flow as usual, gradient checkpointing included. Row ``t`` of
     the result pairs with ``labels[t]`` of the packer (labels are already shifted).
 
@@ -184,13 +214,16 @@ def packed_hidden_states(
             f"input_ids and position_ids must both be [T] or [B, T], got {tuple(input_ids.shape)} "
             f"and {tuple(position_ids.shape)}"
         )
-    backend = backend or getattr(model, "_refit_attn_backend", "auto")
-    _check_installed(backend)
+    if backend is None:
+        # Checked and installed since prepare_model; "auto" for a model switched to refit_varlen by hand.
+        backend = attention_backend(model) or "auto"
+    else:
+        check_backend_name(backend, "backend")
     body = base_model(model)
     device = input_ids.device
     batch, seqlen = input_ids.shape
-    # "auto" stays unresolved here and is resolved per layer from the query dtype, which autocast may
-    # change; the SDPA mask is built lazily once and cached in the meta object shared by all layers.
+    # "auto" stays unresolved here: the first layer resolves it from the query's dtype (which autocast
+    # may change) and the meta object, shared by all layers, caches that choice and the SDPA mask.
     meta = PackedAttentionMeta.build(
         cu_seqlens, max_seqlen, batch=batch, seqlen=seqlen, backend=backend, device=device, validate=validate
     )
@@ -220,40 +253,3 @@ def output_embedding(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (is it a causal LM?)")
     return head.weight, getattr(head, "bias", None)
-
-
-def load_model(
-    name_or_config,
-    *,
-    attn_backend: str | None = "auto",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    **from_pretrained_kwargs,
-) -> torch.nn.Module:
-    """Load (local path / hub id, honouring ``HF_HUB_OFFLINE``) or build (config dict / ``PretrainedConfig``,
-    random weights) a causal LM and :func:`prepare_model` it unless ``attn_backend`` is None.
-
-    Example:
-        >>> from refit_fast.model import tiny_config
-        >>> model = load_model(tiny_config("qwen2"), attn_backend="sdpa")
-        >>> type(model).__name__, model.config._attn_implementation
-        ('Qwen2ForCausalLM', 'refit_varlen')
-    """
-    from transformers import PretrainedConfig
-
-    if isinstance(name_or_config, (dict, PretrainedConfig)):
-        from refit_fast.model.build import build_model_from_config
-
-        return build_model_from_config(
-            name_or_config, attn_backend=attn_backend, dtype=dtype or torch.float32, device=device
-        )
-    from transformers import AutoModelForCausalLM
-
-    if dtype is not None:
-        from_pretrained_kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(name_or_config, **from_pretrained_kwargs)
-    if device is not None:
-        model = model.to(device)
-    if attn_backend is not None:
-        prepare_model(model, attn_backend)
-    return model

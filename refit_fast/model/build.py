@@ -1,9 +1,12 @@
-"""Tiny random causal LMs from configs: for tests, benchmarks and the CPU demo. Nothing is downloaded."""
+"""Causal LMs ready for packed rows: random ones from configs (tests, benchmarks, the CPU demo; nothing
+is downloaded) and saved ones from local directories or the hub, both through :func:`prepare_model`."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["build_model_from_config", "tiny_config"]
+from refit_fast.model.body import prepare_model
+
+__all__ = ["build_model_from_config", "load_model", "tiny_config"]
 
 # Small enough to train on a 2-core CPU, shaped like the real thing: GQA (4 query heads, 2 kv heads),
 # RoPE, RMSNorm, SwiGLU. Sizes are overridable.
@@ -63,7 +66,39 @@ def build_model_from_config(
     if device is not None:
         model = model.to(device)
     if attn_backend is not None:
-        from refit_fast.model.body import prepare_model
+        prepare_model(model, attn_backend)
+    return model
 
+
+def load_model(
+    name_or_config,
+    *,
+    attn_backend: str | None = "auto",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    **from_pretrained_kwargs,
+) -> torch.nn.Module:
+    """Load (local path / hub id, honouring ``HF_HUB_OFFLINE``) or build (config dict / ``PretrainedConfig``,
+    random weights) a causal LM and :func:`prepare_model` it unless ``attn_backend`` is None.
+
+    Example:
+        >>> model = load_model(tiny_config("qwen2"), attn_backend="sdpa")
+        >>> type(model).__name__, model.config._attn_implementation
+        ('Qwen2ForCausalLM', 'refit_varlen')
+    """
+    from transformers import PretrainedConfig
+
+    if isinstance(name_or_config, (dict, PretrainedConfig)):
+        return build_model_from_config(
+            name_or_config, attn_backend=attn_backend, dtype=dtype or torch.float32, device=device
+        )
+    from transformers import AutoModelForCausalLM
+
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(name_or_config, **from_pretrained_kwargs)
+    if device is not None:
+        model = model.to(device)
+    if attn_backend is not None:
         prepare_model(model, attn_backend)
     return model
