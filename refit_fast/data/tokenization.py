@@ -66,7 +66,8 @@ def tokenize_conversations(
     `DataError` when `strict`): `template_error`, `template_mismatch`, `empty_mask`, and `too_long`
     when longer than `max_tokens` with `overflow="skip"`; `overflow="truncate"` keeps the first
     `max_tokens` tokens instead (a `truncated` warning). Pre-tokenized rows pass through, checked
-    against the vocabulary. `progress` shows a tqdm bar. Rendering and tokenizing go in batches
+    against the vocabulary (with `tokenizer=None`, allowed when every row is pre-tokenized, they are
+    only checked; the model's vocabulary is the caller's to check). `progress` shows a tqdm bar. Rendering and tokenizing go in batches
     of `batch_size` conversations (the fast tokenizer encodes a batch in one call).
 
     With `max_tokens`, a conversation whose message contents hold more than
@@ -103,13 +104,15 @@ def tokenize_conversations(
         report.total = len(conversations)
     report.strict = strict
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if tokenizer is None and any(not c.is_tokenized for c in conversations):
+        raise ValueError("tokenizer=None works for pre-tokenized rows only; these rows have messages")
     if any(not c.is_tokenized for c in conversations) and not template:
         raise ValueError("the tokenizer has no chat_template; pass chat_template=... (a Jinja string)")
-    vocab = len(tokenizer)
-    enc = _ChatEncoder(tokenizer, template)
+    vocab = len(tokenizer) if tokenizer is not None else None
+    enc = _ChatEncoder(tokenizer, template) if tokenizer is not None else None
 
     char_limit = None if max_tokens is None else MAX_CHARS_PER_TOKEN * max_tokens
-    special = _special_token_pattern(tokenizer)
+    special = _special_token_pattern(tokenizer) if tokenizer is not None else None
 
     from tqdm.auto import tqdm
 
@@ -436,7 +439,7 @@ def _too_many_chars(conv, limit: int, max_tokens: int, report) -> bool:
 def _finish(conv, ids, mask, vocab, max_tokens, overflow, report) -> TokenizedConversation | None:
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.asarray(mask, dtype=np.uint8)
-    if conv.is_tokenized and len(ids) and int(ids.max()) >= vocab:
+    if conv.is_tokenized and vocab is not None and len(ids) and int(ids.max()) >= vocab:
         report.problem("bad_tokens", conv.location, f"token id {int(ids.max())} >= vocabulary size {vocab}")
         return None
     if max_tokens is not None and len(ids) > max_tokens:

@@ -67,7 +67,10 @@ class DataConfig:
     # are grouped by prompt (the messages before the first assistant turn). Used by swift_stats=group,
     # star_gate and dpo.
     group_key: str = "group"
-    overlong: str = "drop"  # drop | error: conversations longer than batch.max_tokens
+    # conversations (DPO: pairs) longer than batch.max_tokens: drop them, stop with an error naming
+    # them, or truncate_turns: drop a conversation's oldest whole exchanges until it fits (the final
+    # exchange is kept; the packer's rule, refit_fast.packing.turns), dropping it only if that cannot fit
+    overlong: str = "drop"
 
 
 @dataclass
@@ -75,6 +78,8 @@ class BatchConfig:
     max_tokens: int = 4096  # token budget of one packed row = one micro-batch
     grad_accum: int = 1  # micro-batches per rank per optimizer step
     strategy: str = "bfd"  # packer strategy: bfd | ffs
+    pad_to: int | None = None  # pad every row to this many tokens (>= max_tokens; fixed shapes for compilers)
+    row_dtype: str = "int64"  # int32 halves the row bytes the packer writes and the host-to-device copy moves
 
 
 @dataclass
@@ -200,19 +205,32 @@ class TrainConfig:
         for key, p in (("model.path", m.path), ("model.init_from", m.init_from), ("tokenizer.path", self.tokenizer.path)):
             need(p is None or os.path.isdir(str(p)), key,
                  f"{p!r} is not a local directory (nothing is downloaded at run time)")
-        need(m.attn_backend in ("auto", "flash", "torch_varlen", "sdpa"), "model.attn_backend",
-             f"must be auto, flash, torch_varlen or sdpa, got {m.attn_backend!r}")
+        from refit_fast.model.attention import check_backend_name
+        from refit_fast.packing import check_max_tokens, check_overlong, check_pad_to, check_strategy
+
+        def rule(key: str, check, *args) -> None:  # the packer's and the model's own validators
+            try:
+                check(*args)
+            except ValueError as e:
+                msg = str(e).removeprefix(f"{key}: ")
+                raise ConfigError(f"config {key}: {msg}") from None
+
+        rule("model.attn_backend", check_backend_name, m.attn_backend, "model.attn_backend")
         need(self.tokenizer.kind in ("auto", "word", "none", "path"), "tokenizer",
              f"must be auto, word, none or a local path, got {self.tokenizer.kind!r}")
         need(self.tokenizer.kind != "path" or bool(self.tokenizer.path), "tokenizer.path", "is missing")
         need(self.data.path is not None and self.data.path != [], "data.path", "is missing (a JSONL file or a list of files)")
         need(isinstance(self.data.group_key, str) and bool(self.data.group_key), "data.group_key",
              f"must be a non-empty field name, got {self.data.group_key!r}")
-        need(self.data.overlong in ("drop", "error"), "data.overlong", f"must be drop or error, got {self.data.overlong!r}")
+        rule("data.overlong", check_overlong, self.data.overlong)
         b = self.batch
+        rule("batch.max_tokens", check_max_tokens, b.max_tokens)
+        # one token is never trained (no earlier token predicts it): a row needs two
         need(_is_int(b.max_tokens) and b.max_tokens >= 2, "batch.max_tokens", f"must be an integer >= 2, got {b.max_tokens!r}")
         need(_is_int(b.grad_accum) and b.grad_accum >= 1, "batch.grad_accum", f"must be an integer >= 1, got {b.grad_accum!r}")
-        need(b.strategy in ("bfd", "ffs"), "batch.strategy", f"must be bfd or ffs, got {b.strategy!r}")
+        rule("batch.strategy", check_strategy, b.strategy)
+        rule("batch.pad_to", check_pad_to, b.pad_to, b.max_tokens)
+        need(b.row_dtype in ("int64", "int32"), "batch.row_dtype", f"must be int64 or int32, got {b.row_dtype!r}")
         need(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps", f"must be an integer >= 1 or null, got {self.steps!r}")
         need(_num(self.epochs) and self.epochs > 0, "epochs", f"must be > 0, got {self.epochs!r}")
         need(_is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")

@@ -8,6 +8,11 @@ bins ``[s*R, (s+1)*R)`` with ``R = world_size * grad_accum`` (the last step of a
 fewer). Every rank computes the same plan, so step-level statistics (number of conversations, Swift's
 reward mean and std, trained-token count) are known everywhere without communication; the rows are
 then dealt to ranks by a greedy balance on token counts.
+
+:class:`Batches` is what the training loop reads: one call per step returns this rank's finished
+micro-batches (:class:`MicroBatch`: the packer's rows with local ``seq_ids``, built by
+``materialize(rows=..., out=...)`` into buffers reused all epoch, with the rows' weights and DPO
+reference log-probs) and the step's :class:`StepStats`.
 """
 from __future__ import annotations
 
@@ -16,10 +21,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refit_fast.packing import BinPlan, FlatConversations, flatten, materialize, plan_bins
+import torch
+
+from refit_fast.packing import BinPlan, FlatConversations, flatten, materialize, plan_bins, row_buffers, to_torch
 
 __all__ = [
+    "Batches",
+    "MicroBatch",
+    "Step",
     "StepBatch",
+    "StepStats",
     "TrainData",
     "Schedule",
     "assign_rows",
@@ -28,6 +39,7 @@ __all__ = [
     "filter_top",
     "group_index",
     "make_units",
+    "step_stats",
 ]
 
 
@@ -247,9 +259,9 @@ class Schedule:
         n_units = len(self.unit_offsets) - 1
         self.unit_lengths = (np.add.reduceat(per_item, self.unit_offsets[:-1]) if n_units
                              else np.zeros(0, np.int64))
-        self.kept_units = np.flatnonzero(self.unit_lengths <= self.max_tokens)
-        self.dropped_units = n_units - len(self.kept_units)
-        if len(self.kept_units) == 0:
+        # Units longer than max_tokens are in no bin: the planner leaves them out.
+        self.dropped_units = n_units - len(self.plan(0).items)
+        if self.dropped_units == n_units:
             raise ValueError(
                 f"no training unit fits in batch.max_tokens={self.max_tokens} "
                 f"({n_units} units, shortest {int(self.unit_lengths.min()) if n_units else 0} tokens)"
@@ -321,13 +333,191 @@ def assign_rows(loads, world_size: int) -> list[list[int]]:
     return [sorted(o) for o in out]
 
 
-def materialize_rows(data: TrainData, items: list[np.ndarray], max_tokens: int):
-    """Pack the given rows (conversation indices in row order) with the C++ packer.
+@dataclass(frozen=True)
+class StepStats:
+    """What every micro-batch of a step needs to know about the whole step (all ranks)."""
 
-    Returns the ``Packed`` rows; row ``k``'s ``cu_seqlens`` segment ``j`` is conversation ``items[k][j]``.
+    n_units: int  # conversations (or DPO pairs) in the step
+    n_tokens: int  # trained tokens in the step
+    denominator: float  # n_units, or n_tokens with normalize=token
+    reward_mean: float
+    reward_std: float  # population std over the step's conversations
+    reward_min: float
+    reward_max: float
+
+
+def step_stats(rewards: np.ndarray, trained: np.ndarray, n_units: int, normalize: str = "sequence") -> StepStats:
+    """Statistics of one step batch from its conversations' rewards and trained-token counts.
+
+    Computed in float64 from data alone, identically on every rank (each rank holds the step plan),
+    which equals all-reducing count, sum and squared deviations but needs no communication.
+
+    Example:
+        >>> s = step_stats(np.array([1.0, 0.0, 0.5]), np.array([4, 2, 3]), 3)
+        >>> s.denominator, s.reward_mean, round(s.reward_std, 4)
+        (3.0, 0.5, 0.4082)
     """
-    offsets = np.zeros(len(items) + 1, np.int64)
-    np.cumsum([len(x) for x in items], out=offsets[1:])
-    flat_items = np.concatenate(items) if items else np.zeros(0, np.int64)
-    plan = BinPlan(offsets, flat_items.astype(np.int64), int(max_tokens), "given", 0)
-    return materialize(data.flat, plan)
+    r = np.asarray(rewards, np.float64)
+    n_tokens = int(np.asarray(trained).sum())
+    mean = float(r.mean()) if len(r) else 0.0
+    std = float(np.sqrt(((r - mean) ** 2).mean())) if len(r) else 0.0
+    denom = float(max(n_tokens if normalize == "token" else n_units, 1))
+    return StepStats(n_units, n_tokens, denom, mean, std,
+                     float(r.min()) if len(r) else 0.0, float(r.max()) if len(r) else 0.0)
+
+
+
+@dataclass
+class MicroBatch:
+    """One packed row of one rank, ready for the loss.
+
+    ``row``: torch tensors ``input_ids``, ``labels``, ``position_ids``, ``seq_ids`` (int64; *local*
+    conversation ids 0..k-1 in row order, -1 on padding), ``cu_seqlens`` (int32) and ``max_seqlen``
+    (an int). ``weights`` [k] float32: what the loss weights each conversation by (the rewards for
+    refit, Swift's standardized rewards for swift; None for sft, filtered_sft, star_gate and dpo), and
+    ``weights64`` the same in float64 (for the logged loss parts). ``ref_logps`` [k] float32: log
+    pi_ref of each conversation (dpo; the row holds pairs as consecutive chosen, rejected).
+    """
+
+    row: dict
+    weights: torch.Tensor | None = None
+    weights64: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+    def to(self, device) -> "MicroBatch":
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return MicroBatch({k: move(v) for k, v in self.row.items()}, move(self.weights), move(self.weights64),
+                          move(self.ref_logps))
+
+
+@dataclass
+class Step:
+    """What one rank trains on in one optimizer step: ``micro`` holds its micro-batches, the same
+    number on every rank (``None``: this rank has no row left in this micro-step, the last step of an
+    epoch can have fewer rows than ranks x grad_accum). ``stats`` describe the whole step (all ranks);
+    ``conversations`` are the step's conversation indices and ``weights`` their weights (float64,
+    None when unweighted), ``rows`` and ``tokens`` its row and token counts, all ranks together."""
+
+    step: int
+    epoch: int
+    index_in_epoch: int
+    stats: StepStats
+    micro: list
+    rows: int
+    tokens: int
+    conversations: np.ndarray
+    weights: np.ndarray | None
+
+
+@dataclass
+class _EpochLayout:
+    """An epoch's bins reordered so that each rank's rows of a step are consecutive: rank r's rows of
+    step k are bins ``starts[k][r]:starts[k][r+1]`` of ``units`` (unit indices) and ``convs`` (the same
+    bins over conversations), which the packer fills with one call into ``buffers``."""
+
+    units: BinPlan
+    convs: BinPlan
+    starts: list
+    buffers: dict
+
+
+class Batches:
+    """The trainer's data path: :meth:`step` returns, for an optimizer step and this rank, the finished
+    micro-batches (row tensors from the C++ packer, their conversations' weights and DPO reference
+    log-probs) and the step's statistics.
+
+    The rows of a step are those of :meth:`Schedule.step_batch`, dealt to ranks by :func:`assign_rows`;
+    each epoch's plan is reordered once so that every rank's rows of a step are consecutive bins, and
+    the packer materializes them (``materialize(rows=slice, out=reused buffers, seq_ids="local")``)
+    in one call per step. ``weighting(conversations, stats)`` returns the float64 weights of the given
+    conversations for the step (None: unweighted); ``pad_to`` and ``row_dtype`` are the packer's. The
+    row tensors are views of buffers that the next step overwrites: use them within the step.
+
+    Example:
+        >>> from types import SimpleNamespace as C
+        >>> convs = [C(id=str(i), input_ids=np.arange(1, 6), loss_mask=np.array([0, 0, 1, 1, 1]),
+        ...            reward=float(i), prompt_key="p") for i in range(6)]
+        >>> data = TrainData.from_tokenized(convs)
+        >>> schedule = Schedule(data, *make_units(data), max_tokens=10, rows_per_step=2, seed=0, epochs=1.0)
+        >>> step = Batches(schedule, weighting=lambda conv, stats: data.rewards[conv]).step(0)
+        >>> len(step.micro), step.micro[0].row["seq_ids"].tolist(), step.stats.n_units
+        (2, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 4)
+    """
+
+    def __init__(self, schedule: Schedule, *, world_size: int = 1, rank: int = 0, normalize: str = "sequence",
+                 weighting=None, pad_to: int | None = None, row_dtype=np.int64):
+        self.schedule, self.data = schedule, schedule.data
+        self.world_size, self.rank, self.normalize = world_size, rank, normalize
+        self.weighting, self.pad_to, self.row_dtype = weighting, pad_to, np.dtype(row_dtype)
+        self.reference: np.ndarray | None = None  # [P, 2] log pi_ref per DPO pair (unit), once computed
+        self._layouts: dict = {}
+
+    def _layout(self, epoch: int) -> _EpochLayout:
+        if epoch not in self._layouts:
+            if len(self._layouts) > 1:
+                self._layouts.pop(min(self._layouts))
+            s = self.schedule
+            plan = s.plan(epoch)
+            loads = plan.loads(s.unit_lengths)
+            order, starts = [], []
+            for lo in range(0, len(plan), s.rows_per_step):
+                hi = min(lo + s.rows_per_step, len(plan))
+                bounds = [len(order)]
+                for rows in assign_rows(loads[lo:hi], self.world_size):
+                    order += [lo + k for k in rows]
+                    bounds.append(len(order))
+                starts.append(bounds)
+            units = plan.take(np.asarray(order, np.int64))
+            convs = units.expand(s.unit_offsets, s.unit_items)
+            per_rank = math.ceil(s.rows_per_step / self.world_size)
+            buffers = row_buffers(convs, self.data.flat.lengths, pad_to=self.pad_to, rows=per_rank, dtype=self.row_dtype)
+            self._layouts[epoch] = _EpochLayout(units, convs, starts, buffers)
+        return self._layouts[epoch]
+
+    def _rows(self, convs: BinPlan, bins: slice, out: dict | None):
+        """Packed rows of ``convs``'s bins, local seq_ids, as torch tensors (ids int64)."""
+        packed = materialize(self.data.flat, convs, rows=bins, out=out, seq_ids="local", pad_to=self.pad_to,
+                             dtype=self.row_dtype)
+        as_int64 = torch.int64 if self.row_dtype != np.int64 else None  # int32 rows widen after the move
+        return [to_torch(packed[j], dtype=as_int64) for j in range(len(packed))]
+
+    def step(self, step: int) -> Step:
+        """This rank's micro-batches of optimizer step ``step`` (0-based) and the step's statistics."""
+        sb = self.schedule.step_batch(step)
+        lay = self._layout(sb.epoch)
+        # The step's conversations in plan order, for statistics that do not depend on the ranks.
+        conv = np.concatenate(sb.items) if sb.items else np.zeros(0, np.int64)
+        stats = step_stats(self.data.rewards[conv], self.data.trained[conv], len(sb.units), self.normalize)
+        weights = self.weighting(conv, stats) if self.weighting is not None else None
+        k = sb.index_in_epoch
+        a, b = lay.starts[k][self.rank], lay.starts[k][self.rank + 1]
+        rows = self._rows(lay.convs, slice(a, b), lay.buffers)
+        mine = lay.convs.items[lay.convs.offsets[a]:lay.convs.offsets[b]]
+        w = self.weighting(mine, stats) if self.weighting is not None else None
+        micro, pos = [], 0
+        for j, row in enumerate(rows):
+            n = len(lay.convs[a + j])
+            mb = MicroBatch(row)
+            if w is not None:
+                mb.weights64 = torch.from_numpy(np.ascontiguousarray(w[pos:pos + n], np.float64))
+                mb.weights = mb.weights64.float()
+            if self.reference is not None:
+                mb.ref_logps = torch.from_numpy(self.reference[lay.units[a + j]].reshape(-1)).float()
+            micro.append(mb)
+            pos += n
+        n_micro = math.ceil(len(sb.rows) / self.world_size)  # the same on every rank
+        micro += [None] * (n_micro - len(micro))
+        return Step(step, sb.epoch, k, stats, micro, len(sb.rows), int(sb.loads.sum()), conv, weights)
+
+    def reference_rows(self, block: int = 64):
+        """This rank's share of epoch 0's rows (every ``world_size``-th bin), as ``(units, row)``: the
+        DPO pairs a row holds and its tensors, packed exactly as training packs them (the bins'
+        contents do not change between epochs, only their order)."""
+        plan = self.schedule.plan(0)
+        mine = np.arange(self.rank, len(plan), self.world_size, dtype=np.int64)
+        s = self.schedule
+        for lo in range(0, len(mine), block):
+            units = plan.take(mine[lo:lo + block])
+            rows = self._rows(units.expand(s.unit_offsets, s.unit_items), slice(None), None)
+            for j, row in enumerate(rows):
+                yield units[j], row

@@ -19,24 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from refit_fast.ops import standardize_rewards
-from refit_fast.packing import to_torch
 from refit_fast.train import checkpoint as ckpt
 from refit_fast.train.config import ConfigError, TrainConfig, load_config
-from refit_fast.train.data import (
-    Schedule,
-    TrainData,
-    assign_rows,
-    best_per_group,
-    dpo_pairs,
-    filter_top,
-    group_index,
-    make_units,
-    materialize_rows,
-)
+from refit_fast.train.data import Batches, Schedule, TrainData, best_per_group, dpo_pairs, filter_top, group_index, make_units
 from refit_fast.train.distributed import all_reduce_sum, barrier, setup_distributed, wrap_model
 from refit_fast.train.metrics import MetricsLogger, peak_memory_mb
-from refit_fast.train.objectives import PackedCausalLM, micro_batch_loss, sequence_logps, step_stats, swift_weights
+from refit_fast.train.objectives import PackedCausalLM, conversation_weights, micro_batch_loss, sequence_logps
 
 __all__ = ["DiskFullError", "NonFiniteLossError", "TrainResult", "train"]
 
@@ -132,14 +120,19 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     if pairs is not None and len(pairs) == 0:
         raise ValueError("dpo: no pair of different conversations in the same group (prompt or group field) "
                          "with different rewards in the data")
-    # Swift's per-conversation weights, fixed for the whole run (None: swift_stats=step, or not Swift)
-    weights, weights_summary = _swift_setup(cfg, data)
+    # what each conversation's log-likelihood is weighted by (None: unweighted objectives)
+    groups = group_index(data.groups) if cfg.objective.swift_stats == "group" else None
+    weighting = conversation_weights(cfg.algorithm, data.rewards, swift_stats=cfg.objective.swift_stats,
+                                     groups=groups, eps=cfg.objective.swift_eps)
+    weights_summary = _swift_summary(cfg, data, weighting)
     rows_per_step = env.world_size * cfg.batch.grad_accum
     units = make_units(data, pairs)
     if cfg.data.overlong == "error":
         _refuse_overlong(data, *units, cfg.batch.max_tokens)
     schedule = Schedule(data, *units, max_tokens=cfg.batch.max_tokens, rows_per_step=rows_per_step,
                         seed=cfg.seed, strategy=cfg.batch.strategy, steps=cfg.steps, epochs=cfg.epochs)
+    batches = Batches(schedule, world_size=env.world_size, rank=env.rank, weighting=weighting,
+                      normalize="sequence" if pairs is not None else cfg.objective.normalize)
     unit = "pairs" if pairs is not None else "conversations"
     n_units = len(schedule.unit_lengths)
     summary = (f"{cfg.algorithm}: {n_units - schedule.dropped_units} {unit} "
@@ -158,7 +151,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
 
         enable_checkpointing(model)
     lm = PackedCausalLM(model)
-    ref = _reference_logps(lm, schedule, pairs, env, autocast) if pairs is not None else None
+    if pairs is not None:
+        batches.reference = _reference_logps(lm, batches, len(pairs), env, autocast)
     model.train()
 
     # ---- output_dir: now that the run can start, clear (overwrite) or check (resume) what is there ----
@@ -195,54 +189,34 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     params = [p for p in lm.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     world = env.world_size
-    # what the loss kernel weights each conversation by: the rewards, or Swift's precomputed weights
-    rewards_all = torch.as_tensor(data.rewards if weights is None else weights, dtype=torch.float32)
-    weights_all = torch.from_numpy(weights) if weights is not None else None
-    ref_all = torch.as_tensor(ref, dtype=torch.float32) if ref is not None else None
     swift = cfg.algorithm == "swift"
 
     # ---- the loop ----
     try:
         for step in range(start_step, schedule.total_steps):
             t0 = time.perf_counter()
-            sb = schedule.step_batch(step)
-            conv = np.concatenate(sb.items)
-            stats = step_stats(data.rewards[conv], data.trained[conv], len(sb.units),
-                               "sequence" if pairs is not None else cfg.objective.normalize)
-            mine = assign_rows(sb.loads, world)[env.rank]
-            n_micro = math.ceil(len(sb.rows) / world)  # the same on every rank; short ranks run an empty row
-            packed = materialize_rows(data, [sb.items[k] for k in mine], cfg.batch.max_tokens)
+            batch = batches.step(step)  # this rank's micro-batches, the step's statistics
+            stats = batch.stats
             # Swift's loss split by the sign of the weights, on logging steps only (see micro_batch_loss)
-            parts_step = swift and cfg.log.every > 0 and ((step + 1) % cfg.log.every == 0 or step + 1 == schedule.total_steps)
-            step_w = (_step_weights(cfg, data.rewards[conv], stats) if weights_all is None
-                      else weights_all[torch.from_numpy(conv)]) if parts_step else None
-            step_pos = np.concatenate([[0], np.cumsum([len(x) for x in sb.items])])  # row k's slice of conv
+            parts = swift and cfg.log.every > 0 and ((step + 1) % cfg.log.every == 0 or step + 1 == schedule.total_steps)
             loss_sum = torch.zeros((), device=device)
             parts_sum = torch.zeros(2, dtype=torch.float64, device=device)
             dpo_z = []
-            for i in range(n_micro):
-                with no_sync(i < n_micro - 1):
+            for i, mb in enumerate(batch.micro):
+                with no_sync(i < len(batch.micro) - 1):  # gradients are reduced in the last backward only
                     with autocast():
-                        if i < len(mine):
-                            row, k = _row_tensors(packed[i], device), mine[i]
-                            items = torch.from_numpy(sb.items[k])
-                            loss_mb, extras = micro_batch_loss(
-                                wrapped, row, cfg.algorithm, stats,
-                                rewards_local=rewards_all[items].to(device),
-                                swift_eps=cfg.objective.swift_eps, swift_stats=cfg.objective.swift_stats,
-                                parts_weights=step_w[step_pos[k]:step_pos[k + 1]] if step_w is not None else None,
-                                ref_logps=ref_all[torch.from_numpy(sb.rows[k])].reshape(-1).to(device) if ref_all is not None else None,
-                                dpo_beta=cfg.objective.dpo_beta,
-                            )
-                            if extras is not None and "dpo_z" in extras:
-                                dpo_z.append(extras["dpo_z"])
-                            if extras is not None and "parts" in extras:
-                                parts_sum += extras["parts"]
+                        if mb is None:  # this rank has no row left in this micro-step
+                            loss_mb, extras = _empty_row_loss(wrapped, device), None
                         else:
-                            loss_mb = _empty_row_loss(wrapped, device)
+                            loss_mb, extras = micro_batch_loss(wrapped, mb.to(device), cfg.algorithm, stats,
+                                                               parts=parts, dpo_beta=cfg.objective.dpo_beta)
                     # DDP/FSDP average gradients over ranks; x world turns the average into the sum.
                     (loss_mb * world if world > 1 else loss_mb).backward()
                 loss_sum += loss_mb.detach().float()
+                if extras is not None and "dpo_z" in extras:
+                    dpo_z.append(extras["dpo_z"])
+                if extras is not None and "parts" in extras:
+                    parts_sum += extras["parts"]
 
             # One all-reduce per step for everything logged (loss, Swift's parts, DPO counts).
             z = torch.cat(dpo_z) if dpo_z else torch.zeros(0, device=device)
@@ -263,18 +237,19 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
-            tokens = int(sb.loads.sum())
+            tokens = batch.tokens
             m = {
-                "step": done, "epoch": sb.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens": tokens, "trained_tokens": stats.n_tokens, "rows": len(sb.rows),
-                "conversations": int(len(conv)), "packing_efficiency": tokens / (len(sb.rows) * cfg.batch.max_tokens),
+                "step": done, "epoch": batch.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": tokens, "trained_tokens": stats.n_tokens, "rows": batch.rows,
+                "conversations": int(len(batch.conversations)),
+                "packing_efficiency": tokens / (batch.rows * cfg.batch.max_tokens),
                 "reward_mean": stats.reward_mean, "reward_std": stats.reward_std,
                 "reward_min": stats.reward_min, "reward_max": stats.reward_max,
-                **_weight_stats(cfg, stats, weights[conv] if weights is not None else None),
+                **_weight_stats(cfg, batch.weights),
                 "step_time": dt, "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                 "elapsed": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb(device),
             }
-            if parts_step:
+            if parts:
                 m["loss_pos"], m["loss_neg"] = float(totals[3]), float(totals[4])
             if pairs is not None:
                 m["pairs"] = stats.n_units
@@ -290,7 +265,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
             stop = bool(on_step(m)) if on_step is not None else False
             last = done == schedule.total_steps
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stop:
-                state = {"epoch": sb.epoch, "index_in_epoch": sb.index_in_epoch + 1, "rows_per_step": rows_per_step,
+                state = {"epoch": batch.epoch, "index_in_epoch": batch.index_in_epoch + 1, "rows_per_step": rows_per_step,
                          "total_steps": schedule.total_steps, "loss": loss, "settings": settings}
                 path = checkpoints.save(lm, optimizer, scheduler, done, state, final=last and cfg.checkpoint.save_final)
                 result.last_checkpoint = path or result.last_checkpoint
@@ -350,7 +325,7 @@ def _prepare_output_dir(cfg: TrainConfig, env, checkpoints: ckpt.Checkpointer, s
 
 def _load_data(cfg: TrainConfig):
     """(tokenized conversations, tokenizer or None, report text)."""
-    from refit_fast.data import TokenizedConversation, load_conversations, tokenize_conversations
+    from refit_fast.data import load_conversations, tokenize_conversations
 
     d = cfg.data
     # max_tokens: text too long to fit even at 64 characters a token is refused before tokenizing
@@ -363,15 +338,9 @@ def _load_data(cfg: TrainConfig):
         raise ValueError(f"no usable conversation in {d.path!r}:\n{report.summary()}")
     pretokenized = all(c.is_tokenized for c in convs)
     tokenizer = _resolve_tokenizer(cfg, convs, pretokenized)
-    if tokenizer is None:
-        if not pretokenized:
-            raise ConfigError("tokenizer: none, but the data has messages (not input_ids); set tokenizer: word or a path")
-        out = []
-        for c in convs:
-            mask = c.loss_mask.copy()
-            mask[0] = 0  # position 0 has no preceding token to predict it from
-            out.append(TokenizedConversation(c.id, c.input_ids, mask, c.reward, c.prompt_key, c.group))
-        return out, None, report.summary()
+    if tokenizer is None and not pretokenized:
+        raise ConfigError("tokenizer: none, but the data has messages (not input_ids); set tokenizer: word or a path")
+    # pre-tokenized rows pass through the same checks (mask[0] cleared, nothing trained: skipped)
     out, report = tokenize_conversations(convs, tokenizer, progress=False, report=report)
     if not out:
         raise ValueError(f"no conversation survived tokenization:\n{report.summary()}")
@@ -451,26 +420,19 @@ def _check_vocab(model, data: TrainData, tokenizer) -> None:
 
 
 @torch.no_grad()
-def _reference_logps(lm, schedule: Schedule, pairs, env, autocast) -> np.ndarray:
-    """log pi_ref of both sides of every DPO pair ([P, 2]), with the initial model, packed exactly as
-    epoch 0 packs them (the bins' contents do not change between epochs, only their order)."""
+def _reference_logps(lm, batches: Batches, n_pairs: int, env, autocast) -> np.ndarray:
+    """log pi_ref of both sides of every DPO pair ([P, 2]), with the initial model, each rank its share
+    of the rows, packed exactly as training packs them."""
     was_training = lm.training
     lm.eval()
-    plan = schedule.plan(0)
-    out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=env.device)
-    items_of = lambda u: schedule.unit_items[schedule.unit_offsets[u]:schedule.unit_offsets[u + 1]]  # noqa: E731
-    mine = list(range(env.rank, len(plan), env.world_size))
-    for lo in range(0, len(mine), 64):
-        bins = [plan[b] for b in mine[lo:lo + 64]]
-        packed = materialize_rows(schedule.data, [np.concatenate([items_of(u) for u in b]) for b in bins],
-                                  schedule.max_tokens)
-        for j, units in enumerate(bins):
-            row = _row_tensors(packed[j], env.device)
-            with autocast():
-                per_token = lm(row["input_ids"], row["position_ids"], row["cu_seqlens"], row["max_seqlen"],
-                               row["labels"], row["seq_ids"], reduction="none")
-            logps = sequence_logps(per_token.double(), row["seq_ids"], 2 * len(units))
-            out[torch.from_numpy(units).to(env.device)] = logps.view(-1, 2)
+    out = torch.zeros(n_pairs, 2, dtype=torch.float64, device=env.device)
+    for units, row in batches.reference_rows():
+        row = {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+        with autocast():
+            per_token = lm(row["input_ids"], row["position_ids"], row["cu_seqlens"], row["max_seqlen"],
+                           row["labels"], row["seq_ids"], reduction="none")
+        logps = sequence_logps(per_token.double(), row["seq_ids"], 2 * len(units))
+        out[torch.from_numpy(units).to(env.device)] = logps.view(-1, 2)
     all_reduce_sum(out, env)
     lm.train(was_training)
     return out.cpu().numpy()
@@ -501,16 +463,6 @@ def _lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def _row_tensors(row: dict, device) -> dict:
-    """Torch tensors of a packed row, with seq_ids made *local*: segment j of the row is conversation
-    j of the row (the packer's seq_ids index the whole data set)."""
-    cu = row["cu_seqlens"]
-    local = np.repeat(np.arange(len(cu) - 1, dtype=np.int64), np.diff(cu))
-    t = to_torch(row, device)
-    t["seq_ids"] = torch.from_numpy(local).to(device)
-    return t
-
-
 def _empty_row_loss(wrapped, device):
     """A zero loss through every parameter, for a rank that has no row in this micro-step (the last
     step of an epoch can have fewer rows than ranks x grad_accum): DDP needs every rank to run the
@@ -529,23 +481,23 @@ def _grad_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
-def _swift_setup(cfg: TrainConfig, data: TrainData) -> tuple[np.ndarray | None, str]:
-    """Swift's per-conversation weights for swift_stats=group / dataset, computed once over the whole
-    data set (every conversation loaded, also those later dropped as longer than batch.max_tokens, so
-    the weights never depend on the token budget), and the summary text; ``(None, "")`` otherwise.
+def _swift_summary(cfg: TrainConfig, data: TrainData, weighting) -> str:
+    """The summary text of Swift's per-conversation weights for swift_stats=group / dataset (computed
+    once over the whole data set: every conversation loaded, also those later dropped as longer than
+    batch.max_tokens, so the weights never depend on the token budget); "" otherwise.
 
     Raises ConfigError when every weight is 0 (no group holds two different rewards)."""
     mode = cfg.objective.swift_stats
-    if cfg.algorithm != "swift" or mode == "step":
-        return None, ""
-    g = group_index(data.groups) if mode == "group" else None
-    w = swift_weights(data.rewards, g, cfg.objective.swift_eps)
+    if weighting is None or weighting.fixed is None:
+        return ""
+    w = weighting.fixed
     n, zero = len(w), int((w == 0).sum())
     if mode == "dataset":
         if zero == n:
             raise ConfigError(f"objective.swift_stats: all {n} rewards are equal, so every Swift weight is 0 "
                               "and there is nothing to learn; use algorithm=sft or refit")
-        return w, f"; swift weights from the data set's mean and std: {zero} of {n} conversations have weight 0"
+        return f"; swift weights from the data set's mean and std: {zero} of {n} conversations have weight 0"
+    g = group_index(data.groups)
     size = np.bincount(g)
     lo = np.full(len(size), np.inf)
     hi = np.full(len(size), -np.inf)
@@ -563,31 +515,17 @@ def _swift_setup(cfg: TrainConfig, data: TrainData) -> tuple[np.ndarray | None, 
             "objective.swift_stats=step or dataset")
     hint = ("; most conversations have no group mate with another reward: log several per prompt (the paper "
             "logs 3), join them with a group field, or set objective.swift_stats=step or dataset") if 2 * zero > n else ""
-    return w, (f"; swift weights from {len(size)} groups (by {by}): {zero} of {n} conversations have weight 0 "
+    return (f"; swift weights from {len(size)} groups (by {by}): {zero} of {n} conversations have weight 0 "
                f"({singleton} alone in their group, {equal} in groups whose rewards are all equal){hint}")
 
 
-def _step_weights(cfg: TrainConfig, rewards: np.ndarray, stats) -> torch.Tensor:
-    """Swift's weights of one step's conversations with swift_stats=step (for the logged loss parts
-    only; the gradient's weights are computed in the loss kernel from the same statistics)."""
-    mean_std = (torch.tensor(stats.reward_mean, dtype=torch.float64), torch.tensor(stats.reward_std, dtype=torch.float64))
-    return standardize_rewards(torch.as_tensor(rewards, dtype=torch.float64), eps=cfg.objective.swift_eps,
-                               stats=mean_std).to(torch.float64)
-
-
-def _weight_stats(cfg: TrainConfig, stats, step_weights: np.ndarray | None = None) -> dict:
-    """Statistics of the per-conversation weights the objective applied in this step
-    (``step_weights``: Swift's precomputed weights of the step's conversations, if any)."""
-    if cfg.algorithm in ("sft", "filtered_sft", "star_gate", "dpo"):
+def _weight_stats(cfg: TrainConfig, weights: np.ndarray | None) -> dict:
+    """Statistics of the per-conversation weights the objective applied in this step (``weights``:
+    those of the step's conversations; None: every conversation weighs 1)."""
+    if weights is None or not len(weights):
         return {"weight_mean": 1.0, "weight_std": 0.0, "weight_min": 1.0, "weight_max": 1.0}
-    if cfg.algorithm == "refit":
-        return {"weight_mean": stats.reward_mean, "weight_std": stats.reward_std,
-                "weight_min": stats.reward_min, "weight_max": stats.reward_max}
-    if step_weights is not None:
-        w = step_weights
-        return {"weight_mean": float(w.mean()), "weight_std": float(w.std()), "weight_min": float(w.min()),
-                "weight_max": float(w.max()), "zero_weight": int((w == 0).sum())}
-    d = stats.reward_std + cfg.objective.swift_eps
-    return {"weight_mean": 0.0, "weight_std": stats.reward_std / d if d > 0 else 0.0,
-            "weight_min": (stats.reward_min - stats.reward_mean) / d if d > 0 else 0.0,
-            "weight_max": (stats.reward_max - stats.reward_mean) / d if d > 0 else 0.0}
+    out = {"weight_mean": float(weights.mean()), "weight_std": float(weights.std()),
+           "weight_min": float(weights.min()), "weight_max": float(weights.max())}
+    if cfg.algorithm == "swift" and cfg.objective.swift_stats != "step":  # fixed weights: exact zeros mean something
+        out["zero_weight"] = int((weights == 0).sum())
+    return out

@@ -7,12 +7,13 @@ be its conversations (each has >= 1 trained token), n = |S|, l_t the NLL of trai
 - Swift:  the same with weights w_i = (r_i - mean) / (std + eps), population std, where mean and std
   are those of conversation i's group over the whole data set (``swift_stats: group``, the paper's),
   of the whole data set (``dataset``), both computed once before training (:func:`swift_weights`), or
-  of the step's conversations S (``step``, computed in the kernel from the step's statistics).
+  of the step's conversations S (``step``, from the step's statistics); :func:`conversation_weights`
+  says which, and :func:`refit_fast.ops.standardize_rewards` is the one standardization rule.
 - ``normalize: token`` divides by the number of trained tokens of the step instead of n.
 - DPO:    L = (1/P) sum_pairs -log sigmoid(beta * ((lp_c - ref_c) - (lp_r - ref_r)))
 
 Each micro-batch contributes ``weighted_ce(..., reduction="sum") / denominator`` with the *global*
-denominator (and, for ``swift_stats: step``, the step's mean and std) computed from the step plan before
+denominator (and, for ``swift_stats: step``, weights from the step's mean and std) computed from the step plan before
 any forward pass, so the sum of the micro-batch losses over micro-batches and ranks is exactly L, and
 so is the sum of their gradients. Precomputed Swift weights are per conversation, so they do not depend
 on packing, micro-batches or ranks at all. DPO pairs are packed as units (both sides in one row), so
@@ -20,16 +21,15 @@ a pair's loss is complete inside one micro-batch and no second pass is needed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from refit_fast.model import output_embedding, packed_hidden_states
 from refit_fast.ops import standardize_rewards, weighted_ce
+from refit_fast.train.data import MicroBatch, StepStats
 
-__all__ = ["PackedCausalLM", "StepStats", "step_stats", "micro_batch_loss", "sequence_logps", "swift_weights"]
+__all__ = ["ConversationWeights", "PackedCausalLM", "conversation_weights", "micro_batch_loss", "sequence_logps", "swift_weights"]
 
 
 class PackedCausalLM(torch.nn.Module):
@@ -70,39 +70,6 @@ class PackedCausalLM(torch.nn.Module):
         return loss, nll
 
 
-@dataclass(frozen=True)
-class StepStats:
-    """What every micro-batch of a step needs to know about the whole step (all ranks)."""
-
-    n_units: int  # conversations (or DPO pairs) in the step
-    n_tokens: int  # trained tokens in the step
-    denominator: float  # n_units, or n_tokens with normalize=token
-    reward_mean: float
-    reward_std: float  # population std over the step's conversations
-    reward_min: float
-    reward_max: float
-
-
-def step_stats(rewards: np.ndarray, trained: np.ndarray, n_units: int, normalize: str = "sequence") -> StepStats:
-    """Statistics of one step batch from its conversations' rewards and trained-token counts.
-
-    Computed in float64 from data alone, identically on every rank (each rank holds the step plan),
-    which equals all-reducing count, sum and squared deviations but needs no communication.
-
-    Example:
-        >>> s = step_stats(np.array([1.0, 0.0, 0.5]), np.array([4, 2, 3]), 3)
-        >>> s.denominator, s.reward_mean, round(s.reward_std, 4)
-        (3.0, 0.5, 0.4082)
-    """
-    r = np.asarray(rewards, np.float64)
-    n_tokens = int(np.asarray(trained).sum())
-    mean = float(r.mean()) if len(r) else 0.0
-    std = float(np.sqrt(((r - mean) ** 2).mean())) if len(r) else 0.0
-    denom = float(max(n_tokens if normalize == "token" else n_units, 1))
-    return StepStats(n_units, n_tokens, denom, mean, std,
-                     float(r.min()) if len(r) else 0.0, float(r.max()) if len(r) else 0.0)
-
-
 def sequence_logps(per_token_loss: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.Tensor:
     """log pi(y_i | x_i) per conversation: ``-sum`` of the per-token NLL (``reduction="none"``) by
     ``seq_ids`` (tokens with ``seq_ids < 0`` are skipped). Differentiable.
@@ -128,44 +95,85 @@ def swift_weights(rewards: np.ndarray, groups: np.ndarray | None, eps: float = 1
     return w.to(torch.float64).cpu().numpy()
 
 
-def micro_batch_loss(lm, row: dict, algorithm: str, stats: StepStats, *, rewards_local=None, swift_eps=1e-6,
-                     swift_stats="step", parts_weights=None, ref_logps=None, dpo_beta=0.1):
+class ConversationWeights:
+    """What each conversation's log-likelihood is weighted by: ``weights(conversations, stats)`` gives
+    the float64 weights of those conversations in a step with statistics ``stats``. Refit: the
+    rewards. Swift: the rewards standardized by :func:`refit_fast.ops.standardize_rewards` (the one
+    home of that rule) with the statistics of each conversation's group (``swift_stats="group"``,
+    ``groups`` int64 ids) or of the data set (``dataset``), both computed once here and kept in
+    ``fixed``, or of the step's conversations (``step``, from ``stats``). Use
+    :func:`conversation_weights`, which returns None for the unweighted objectives.
+
+    Example:
+        >>> from refit_fast.train.data import step_stats
+        >>> r = np.array([1.0, 0.0, 0.5, 0.5])
+        >>> w = conversation_weights("swift", r, swift_stats="group", groups=np.array([0, 0, 1, 1]))
+        >>> w(np.arange(4), step_stats(r, np.ones(4), 4)).round(4).tolist(), w.fixed is not None
+        ([1.0, -1.0, 0.0, 0.0], True)
+    """
+
+    def __init__(self, algorithm: str, rewards: np.ndarray, *, swift_stats: str = "group", groups=None,
+                 eps: float = 1e-6):
+        self.rewards, self.eps = np.asarray(rewards, np.float64), eps
+        self.per_step = algorithm == "swift" and swift_stats == "step"
+        self.fixed = None
+        if algorithm == "swift" and not self.per_step:
+            self.fixed = swift_weights(self.rewards, groups if swift_stats == "group" else None, eps)
+
+    def __call__(self, conversations: np.ndarray, stats: StepStats) -> np.ndarray:
+        if self.fixed is not None:
+            return self.fixed[conversations]
+        r = self.rewards[conversations]
+        if not self.per_step:
+            return r
+        mean_std = (torch.tensor(stats.reward_mean, dtype=torch.float64), torch.tensor(stats.reward_std, dtype=torch.float64))
+        return standardize_rewards(torch.from_numpy(r), eps=self.eps, stats=mean_std).numpy()
+
+
+def conversation_weights(algorithm: str, rewards: np.ndarray, *, swift_stats: str = "group", groups=None,
+                         eps: float = 1e-6) -> ConversationWeights | None:
+    """The :class:`ConversationWeights` of ``algorithm`` (refit, swift), None for sft, filtered_sft,
+    star_gate and dpo (every conversation weighs 1).
+
+    Example:
+        >>> conversation_weights("sft", np.zeros(3)) is None
+        True
+    """
+    if algorithm not in ("refit", "swift"):
+        return None
+    return ConversationWeights(algorithm, rewards, swift_stats=swift_stats, groups=groups, eps=eps)
+
+
+def micro_batch_loss(lm, mb: MicroBatch, algorithm: str, stats: StepStats, *, parts: bool = False, dpo_beta=0.1):
     """The loss of one packed row, scaled so that the sum over the step's rows is the step objective.
 
-    ``row``: torch tensors ``input_ids``, ``position_ids``, ``cu_seqlens``, ``max_seqlen``, ``labels``
-    and ``seq_ids`` holding *local* conversation ids 0..k-1 in row order (-1 on padding).
-    ``rewards_local`` [k]: the rewards for refit and swift with ``swift_stats="step"``, the precomputed
-    weights (:func:`swift_weights`) for swift with ``group`` or ``dataset``. ``ref_logps`` [k] for DPO,
-    whose rows hold pairs as consecutive (chosen, rejected) conversations. ``parts_weights`` [k]
-    (float64 Swift weights, given on logging steps): also compute the loss's positive- and
-    negative-weight parts. Returns ``(loss, extras)``; ``extras`` is None, ``{"dpo_z": margins}``
-    (detached, per pair) or ``{"parts": tensor([loss_pos, loss_neg])}`` (detached, float64).
+    ``mb``: a :class:`refit_fast.train.data.MicroBatch` on the model's device (its ``row`` has *local*
+    conversation ids; ``weights`` for refit and swift, ``ref_logps`` for dpo, whose rows hold pairs as
+    consecutive (chosen, rejected) conversations). ``parts`` (Swift, on logging steps): also compute
+    the loss's positive- and negative-weight parts. Returns ``(loss, extras)``; ``extras`` is None,
+    ``{"dpo_z": margins}`` (detached, per pair) or ``{"parts": tensor([loss_pos, loss_neg])}``
+    (detached, float64).
     """
+    row = mb.row
     args = (row["input_ids"], row["position_ids"], row["cu_seqlens"], row["max_seqlen"], row["labels"], row["seq_ids"])
     if algorithm in ("sft", "filtered_sft", "star_gate"):
         return lm(*args) / stats.denominator, None
     if algorithm in ("refit", "swift"):
-        kw = {}
-        if algorithm == "swift" and swift_stats == "step":
-            # The step's mean and std (not this row's): the standardization of the whole step batch.
-            mean_std = (torch.tensor(stats.reward_mean, dtype=torch.float32, device=rewards_local.device),
-                        torch.tensor(stats.reward_std, dtype=torch.float32, device=rewards_local.device))
-            kw = dict(standardize=True, reward_stats=mean_std, eps=swift_eps)
-        if parts_weights is None:
-            return lm(*args, rewards_local, **kw) / stats.denominator, None
+        if not parts:
+            return lm(*args, mb.weights) / stats.denominator, None
         # The parts from the per-conversation NLL of a forward-only second pass of the head (no body
         # rerun): +2*N*D*V FLOPs on logging steps only, about a third of the head's forward+backward.
         # reduction="none" for the gradient itself would cost 8*N*D*V on every step instead of 6.
-        loss, nll_tok = lm(*args, rewards_local, token_nll=True, **kw)
-        nll = -sequence_logps(nll_tok.double(), row["seq_ids"], parts_weights.numel())
-        w = parts_weights.to(nll.device, torch.float64)
-        parts = torch.stack([(w.clamp(min=0) * nll).sum(), (w.clamp(max=0) * nll).sum()]) / stats.denominator
-        return loss / stats.denominator, {"parts": parts}
+        loss, nll_tok = lm(*args, mb.weights, token_nll=True)
+        nll = -sequence_logps(nll_tok.double(), row["seq_ids"], mb.weights64.numel())
+        w = mb.weights64.to(nll.device, torch.float64)
+        parts_ = torch.stack([(w.clamp(min=0) * nll).sum(), (w.clamp(max=0) * nll).sum()]) / stats.denominator
+        return loss / stats.denominator, {"parts": parts_}
     if algorithm == "dpo":
         per_token = lm(*args, reduction="none")
-        k = ref_logps.numel()
+        k = mb.ref_logps.numel()
         logps = sequence_logps(per_token, row["seq_ids"], k)
-        delta = (logps - ref_logps).view(-1, 2)  # (chosen, rejected) per pair
+        delta = (logps - mb.ref_logps).view(-1, 2)  # (chosen, rejected) per pair
         z = dpo_beta * (delta[:, 0] - delta[:, 1])
         loss = F.softplus(-z).sum() / stats.denominator  # -log sigmoid(z)
         return loss, {"dpo_z": z.detach()}
