@@ -1,9 +1,11 @@
 """The clarifying-QA environment: rules, truthful user, horizon, malformed turns, the graded and
 binary rewards, determinism, the scripted policies, evaluation, and `refit-fast collect`. Pure
 Python, a few seconds."""
+import ast
 import hashlib
 import json
 import math
+import pathlib
 import random
 import statistics
 
@@ -351,6 +353,30 @@ def test_canonical_flags_rambling_that_still_parses():
     assert evaluate(OPTIMAL, n_episodes=20, progress=False)["canonical"] == 1.0
 
 
+def test_phrases_live_in_one_module():
+    """The simulator and the policies share envs/phrases.py; neither spells a template out itself."""
+    from refit_fast.envs import clarify, phrases, policies
+
+    for name in ("QUESTION", "ANSWER", "ATTRIBUTES", "KINDS", "VALUE_TO_ATTRIBUTE"):
+        for module in (clarify, policies):
+            if hasattr(module, name):
+                assert getattr(module, name) is getattr(phrases, name), (module.__name__, name)
+    assert policies.MALFORMED_TURNS is phrases.MALFORMED_TURNS and clarify.NOT_UNDERSTOOD is phrases.NOT_UNDERSTOOD
+    for module in (clarify, policies):
+        tree = ast.parse(pathlib.Path(module.__file__).read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr)}
+        literals = {node.value for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+        assert not literals & set(phrases.all_phrases() + ["tiny", "ball"]), module.__name__
+    # What the policies say is what the environment calls canonical, word for word.
+    env = ClarifyEnv()
+    env.reset(7)
+    assert env.step(phrases.QUESTION.format(attribute="color"))[3]["canonical"]
+    assert env.step(phrases.ANSWER.format(value="yellow", kind="book"))[3]["canonical"]
+
+
 def test_episodes_and_collection_are_deterministic():
     assert [make_episode(s) for s in SEEDS] == [make_episode(s) for s in SEEDS]
     assert collect(100, seed=3) == collect(100, seed=3)
@@ -550,3 +576,110 @@ def test_collect_batched_equals_one_at_a_time():
     assert [env.episode.seed for env, _ in played] == [1, 3, 5]
     with pytest.raises(ValueError, match="returned 1 texts for 2"):
         play(lambda convs: ["x"], [1, 3], batched=True)
+
+
+# ---- package layering ------------------------------------------------------------------------------
+# Checked on the source (ast), so it covers imports inside functions too and works on whatever modules
+# exist at the time: lower stages never reach up, and no two modules import each other, even lazily.
+
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1] / "refit_fast"
+# stage -> the modules it must never import (a prefix covers the package and everything under it)
+FORBIDDEN = {
+    "refit_fast.envs": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+    "refit_fast.data": ("refit_fast.train", "refit_fast.envs", "refit_fast.demo", "refit_fast.apps",
+                        "refit_fast.cli"),
+    "refit_fast.packing": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+    "refit_fast.ops": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+    "refit_fast.model": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+}
+
+
+def _module_names() -> dict[str, pathlib.Path]:
+    names = {}
+    for path in PACKAGE_ROOT.rglob("*.py"):
+        parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    return names
+
+
+def _imports(name: str, path: pathlib.Path, modules) -> set[str]:
+    """The refit_fast modules `name` imports anywhere in its source (top level or inside functions)."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = name.split(".") if is_package else name.split(".")[:-1]
+                package = package[: len(package) - (node.level - 1)]
+                base = ".".join(package + ([base] if base else []))
+            # `from pkg import sub` imports the submodule when there is one, else names of pkg itself
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t == "refit_fast" or t.startswith("refit_fast."))
+    out.discard(name)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """refit_fast module -> the refit_fast modules it imports (names without a .py file, such as the
+    compiled extension, are leaves)."""
+    modules = _module_names()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(groups)
+
+
+def test_import_graph_helpers_see_function_level_imports_and_cycles():
+    graph = import_graph()
+    assert "refit_fast.envs.clarify" in graph and "refit_fast.model.attention" in graph
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_between_modules():
+    assert import_cycles(import_graph()) == []
+
+
+def test_lower_stages_never_import_upward():
+    bad = []
+    for module, targets in sorted(import_graph().items()):
+        for stage, forbidden in FORBIDDEN.items():
+            if module == stage or module.startswith(stage + "."):
+                bad += [f"{module} -> {t}" for t in sorted(targets)
+                        if any(t == f or t.startswith(f + ".") for f in forbidden)]
+    assert bad == []

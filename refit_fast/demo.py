@@ -14,6 +14,10 @@ The protocol follows the paper's, scaled down to a model trained from scratch:
 4. **scoring**: the base and every trained policy play held-out tasks greedily; mean graded reward
    and exact-match accuracy, each with its standard error.
 
+Run it as ``refit-fast demo`` or ``python -m refit_fast.demo``. It is an application on top of the
+library: it uses the environment (``refit_fast.envs``), the data layer and the trainer, and none of
+them imports it.
+
 Writes results.json, results.md, results.png, run_info.json, the scripted and logged data, and the
 models into --out. Training jobs run in parallel processes (``--jobs``, default: up to 2), each on one
 CPU thread, so the results do not depend on the number of jobs.
