@@ -594,18 +594,23 @@ FORBIDDEN = {
 }
 
 
-def _module_names() -> dict[str, pathlib.Path]:
+def _module_names(root: pathlib.Path) -> dict[str, pathlib.Path | None]:
+    """Dotted name -> source file of every module under ``root`` (compiled extensions: None)."""
     names = {}
-    for path in PACKAGE_ROOT.rglob("*.py"):
-        parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".py", ".so", ".pyd") or "__pycache__" in path.parts:
+            continue
+        parts = list(path.relative_to(root.parent).parts)
+        parts[-1] = parts[-1].split(".")[0]  # foo.py, _ext.cpython-311-x86_64-linux-gnu.so
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        names[".".join(parts)] = path
+        names[".".join(parts)] = path if path.suffix == ".py" else None
     return names
 
 
-def _imports(name: str, path: pathlib.Path, modules) -> set[str]:
-    """The refit_fast modules `name` imports anywhere in its source (top level or inside functions)."""
+def _imports(name: str, path: pathlib.Path, modules, top: str) -> set[str]:
+    """The modules of package ``top`` that ``name`` imports anywhere in its source (top level or inside
+    functions)."""
     is_package = path.name == "__init__.py"
     out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -621,16 +626,16 @@ def _imports(name: str, path: pathlib.Path, modules) -> set[str]:
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue
-        out.update(t for t in targets if t == "refit_fast" or t.startswith("refit_fast."))
+        out.update(t for t in targets if t == top or t.startswith(top + "."))
     out.discard(name)
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """refit_fast module -> the refit_fast modules it imports (names without a .py file, such as the
-    compiled extension, are leaves)."""
-    modules = _module_names()
-    return {name: _imports(name, path, modules) for name, path in modules.items()}
+def import_graph(root: pathlib.Path = PACKAGE_ROOT) -> dict[str, set[str]]:
+    """Module of the package at ``root`` -> the modules of that package it imports (compiled extensions
+    are leaves)."""
+    modules = _module_names(root)
+    return {name: _imports(name, path, modules, root.name) for name, path in modules.items() if path}
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -664,9 +669,19 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(groups)
 
 
-def test_import_graph_helpers_see_function_level_imports_and_cycles():
+def test_import_graph_helpers_see_function_level_imports_and_cycles(tmp_path):
     graph = import_graph()
     assert "refit_fast.envs.clarify" in graph and "refit_fast.model.attention" in graph
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from pkg.sub import a\n")
+    (pkg / "_ext.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("import os\nfrom . import b\nfrom pkg import _ext\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..sub.a import g\n    from pkg import thing\n")
+    assert import_graph(pkg) == {"pkg": {"pkg.sub.a"}, "pkg.sub": set(), "pkg.sub.a": {"pkg.sub.b", "pkg._ext"},
+                                 "pkg.sub.b": {"pkg.sub.a", "pkg"}}
+    assert import_cycles(import_graph(pkg)) == [["pkg", "pkg.sub.a", "pkg.sub.b"]]
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
