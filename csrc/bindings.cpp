@@ -64,8 +64,8 @@ py::array_t<T> output(const py::object& out, const char* key, int64_t n) {
   return py::array_t<T>(static_cast<py::ssize_t>(n), static_cast<T*>(buf.mutable_data()), buf);
 }
 
-template <class T>
-py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* conv_off,
+template <class T, class I>
+py::dict materialize_as(const I* ids, const uint8_t* mask, const int64_t* conv_off,
                         const int64_t* bin_off, int64_t n_bins, const int64_t* items,
                         const RowLayout& lay, int64_t pad_to, int64_t pad_id, bool local_seq_ids,
                         const py::object& out) {
@@ -83,7 +83,7 @@ py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* 
   bool fits;
   {
     py::gil_scoped_release nogil;
-    fits = fill_rows<T>(ids, mask, conv_off, bin_off, n_bins, items, lay, pad_to, pad_id,
+    fits = fill_rows<T, I>(ids, mask, conv_off, bin_off, n_bins, items, lay, pad_to, pad_id,
                         local_seq_ids, pi, pl, pp, ps, pc, pm);
   }
   if (!fits) {
@@ -93,11 +93,12 @@ py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* 
       for (int64_t j = conv_off[c]; j < conv_off[c + 1]; ++j) {
         if (ids[j] < 0)
           throw std::invalid_argument("conversation " + std::to_string(c) + ": negative token id " +
-                                      std::to_string(ids[j]) + " at position " +
+                                      std::to_string(int64_t{ids[j]}) + " at position " +
                                       std::to_string(j - conv_off[c]));
-        if (sizeof(T) == 4 && ids[j] > INT32_MAX)
+        if (sizeof(T) == 4 && int64_t{ids[j]} > INT32_MAX)
           throw std::invalid_argument("conversation " + std::to_string(c) + ": token id " +
-                                      std::to_string(ids[j]) + " does not fit in int32; use dtype=np.int64");
+                                      std::to_string(int64_t{ids[j]}) +
+                                      " does not fit in int32; use dtype=np.int64");
       }
     }
     throw std::invalid_argument("token ids do not fit the output dtype");
@@ -115,11 +116,23 @@ py::dict materialize_as(const int64_t* ids, const uint8_t* mask, const int64_t* 
   return d;
 }
 
-py::dict materialize(const CArray<int64_t>& ids, const CArray<uint8_t>& mask,
-                     const CArray<int64_t>& conv_offsets, const CArray<int64_t>& bin_offsets,
-                     const CArray<int64_t>& items, int64_t pad_to, int64_t pad_id, bool int32_out,
-                     bool local_seq_ids, const py::object& out) {
-  const int64_t* pid = data1d(ids, "ids");
+// Token ids as the data set holds them: int64 or int32, native byte order, contiguous. Checked
+// here, not converted: a silent widening copy is exactly the cost int32 support exists to avoid.
+bool int32_ids(const py::array& ids) {
+  if (ids.ndim() != 1) throw std::invalid_argument("ids must be 1-D");
+  if (!(ids.flags() & py::array::c_style)) throw std::invalid_argument("ids must be contiguous");
+  const py::dtype dt = ids.dtype();
+  if (dt.equal(py::dtype::of<int64_t>())) return false;
+  if (dt.equal(py::dtype::of<int32_t>())) return true;
+  throw std::invalid_argument("ids must be int64 or int32 in native byte order, got " +
+                              py::str(dt).cast<std::string>());
+}
+
+template <class I>
+py::dict materialize_ids(const I* pid, const py::array& ids, const CArray<uint8_t>& mask,
+                         const CArray<int64_t>& conv_offsets, const CArray<int64_t>& bin_offsets,
+                         const CArray<int64_t>& items, int64_t pad_to, int64_t pad_id,
+                         bool int32_out, bool local_seq_ids, const py::object& out) {
   const uint8_t* pmask = data1d(mask, "mask");
   const int64_t* poff = data1d(conv_offsets, "conv_offsets");
   const int64_t* pbin = data1d(bin_offsets, "bin_offsets");
@@ -138,10 +151,21 @@ py::dict materialize(const CArray<int64_t>& ids, const CArray<uint8_t>& mask,
   const RowLayout lay =
       layout_rows(poff, n_conv, ids.shape(0), pbin, n_bins, pit, items.shape(0), pad_to);
   if (int32_out)
-    return materialize_as<int32_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id,
-                                   local_seq_ids, out);
-  return materialize_as<int64_t>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id,
-                                 local_seq_ids, out);
+    return materialize_as<int32_t, I>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id,
+                                      local_seq_ids, out);
+  return materialize_as<int64_t, I>(pid, pmask, poff, pbin, n_bins, pit, lay, pad_to, pad_id,
+                                    local_seq_ids, out);
+}
+
+py::dict materialize(const py::array& ids, const CArray<uint8_t>& mask,
+                     const CArray<int64_t>& conv_offsets, const CArray<int64_t>& bin_offsets,
+                     const CArray<int64_t>& items, int64_t pad_to, int64_t pad_id, bool int32_out,
+                     bool local_seq_ids, const py::object& out) {
+  if (int32_ids(ids))
+    return materialize_ids(static_cast<const int32_t*>(ids.data()), ids, mask, conv_offsets,
+                           bin_offsets, items, pad_to, pad_id, int32_out, local_seq_ids, out);
+  return materialize_ids(static_cast<const int64_t*>(ids.data()), ids, mask, conv_offsets,
+                         bin_offsets, items, pad_to, pad_id, int32_out, local_seq_ids, out);
 }
 
 [[noreturn]] void bad_conversation(size_t i, const std::string& why) {
@@ -165,6 +189,7 @@ py::object flatten_arrays(const py::list& ids, const py::list& masks) {
   const size_t n = ids.size();
   if (masks.size() != n) throw std::invalid_argument("ids and masks differ in count");
   std::vector<ArrayRef> ri(n), rm(n);
+  bool wide = (n == 0);  // no conversations: int64, as before
   py::array_t<int64_t> offsets(static_cast<py::ssize_t>(n + 1));
   int64_t* off = offsets.mutable_data();
   off[0] = 0;
@@ -186,18 +211,22 @@ py::object flatten_arrays(const py::list& ids, const py::list& masks) {
     if (km != 'b' && km != 'i' && km != 'u')
       bad_conversation(i, "loss_mask must be bool or integer, got dtype " + dtype_name(m));
     ri[i] = {static_cast<const char*>(a.data()), a.shape(0), a.strides(0), ka, static_cast<int>(a.itemsize())};
+    // Ids come out int32 when every array's type always fits in it (as the numpy path decides).
+    wide = wide || (ka == 'i' ? a.itemsize() > 4 : a.itemsize() > 2);
     rm[i] = {static_cast<const char*>(m.data()), m.shape(0), m.strides(0), km, static_cast<int>(m.itemsize())};
     off[i + 1] = off[i] + a.shape(0);
   }
   const int64_t total = off[n];
-  py::array_t<int64_t> out_ids(static_cast<py::ssize_t>(total));
+  py::array out_ids = wide ? py::array(py::array_t<int64_t>(static_cast<py::ssize_t>(total)))
+                           : py::array(py::array_t<int32_t>(static_cast<py::ssize_t>(total)));
   py::array_t<uint8_t> out_mask(static_cast<py::ssize_t>(total));
-  int64_t* pi = out_ids.mutable_data();
+  void* pi = out_ids.mutable_data();
   uint8_t* pm = out_mask.mutable_data();
   FlattenError err;
   {
     py::gil_scoped_release nogil;
-    err = concat_conversations(ri, rm, pi, pm);
+    err = wide ? concat_conversations(ri, rm, static_cast<int64_t*>(pi), pm)
+               : concat_conversations(ri, rm, static_cast<int32_t*>(pi), pm);
   }
   if (err.what != FlattenError::kNone) {  // rare path: read the offending value back through Python
     const size_t i = static_cast<size_t>(err.conversation);
@@ -220,7 +249,8 @@ PYBIND11_MODULE(_packing, m) {
         "are skipped. strategy 0 = best-fit-decreasing, 1 = first-fit over shuffled input.");
   m.def("flatten", &flatten_arrays, py::arg("ids"), py::arg("masks"),
         "Check and concatenate per-conversation 1-D arrays (lists of numpy arrays) into (ids int64, "
-        "mask uint8, offsets int64[n+1]); raises ValueError naming the first bad conversation. "
+        "or int32 when every ids array is int8/16/32 or uint8/16; mask uint8; offsets int64[n+1]); "
+        "raises ValueError naming the first bad conversation. "
         "Returns None, copying nothing, if some array is not in native byte order.");
   m.def("materialize", &materialize, py::arg("ids"), py::arg("mask"), py::arg("conv_offsets"),
         py::arg("bin_offsets"), py::arg("items"), py::arg("pad_to"), py::arg("pad_id"),

@@ -9,24 +9,25 @@ namespace refit_packing {
 
 namespace {
 
-// Copies n elements of type S (stride in bytes) to int64. Returns the index of the first negative
-// value (or, for uint64, value above INT64_MAX: both set bit 63 once widened), else -1. The check
-// is an OR over the values, so the common (valid) case costs no branch per element.
-template <class S>
-int64_t copy_ids(const char* p, int64_t stride, int64_t n, int64_t* out) {
+// Copies n elements of type S (stride in bytes) to O (int64, or int32 when every source type fits
+// in it). Returns the index of the first negative value (or, for uint64, value above INT64_MAX:
+// both set bit 63 once widened), else -1. The check is an OR over the values, so the common
+// (valid) case costs no branch per element.
+template <class S, class O>
+int64_t copy_ids(const char* p, int64_t stride, int64_t n, O* out) {
   uint64_t bits = 0;
   if (stride == static_cast<int64_t>(sizeof(S))) {
     const S* s = reinterpret_cast<const S*>(p);
     for (int64_t j = 0; j < n; ++j) {
       bits |= static_cast<uint64_t>(s[j]);  // sign-extends: negatives set bit 63
-      out[j] = static_cast<int64_t>(s[j]);
+      out[j] = static_cast<O>(s[j]);
     }
   } else {
     for (int64_t j = 0; j < n; ++j) {
       S v;
       std::memcpy(&v, p + j * stride, sizeof(S));
       bits |= static_cast<uint64_t>(v);
-      out[j] = static_cast<int64_t>(v);
+      out[j] = static_cast<O>(v);
     }
   }
   if ((bits >> 63) == 0) return -1;
@@ -78,13 +79,14 @@ int64_t dispatch_int(char kind, int itemsize, F&& f) {
 
 }  // namespace
 
+template <class O>
 FlattenError concat_conversations(const std::vector<ArrayRef>& ids, const std::vector<ArrayRef>& masks,
-                                  int64_t* out_ids, uint8_t* out_mask) {
+                                  O* out_ids, uint8_t* out_mask) {
   int64_t at = 0;
   for (size_t i = 0; i < ids.size(); ++i) {
     const ArrayRef& a = ids[i];
     const int64_t bad = dispatch_int(a.kind, a.itemsize, [&](auto tag) {
-      return copy_ids<decltype(tag)>(a.data, a.stride, a.size, out_ids + at);
+      return copy_ids<decltype(tag), O>(a.data, a.stride, a.size, out_ids + at);
     });
     if (bad >= 0) return {static_cast<int64_t>(i), FlattenError::kNegativeId, bad};
     const ArrayRef& m = masks[i];
@@ -96,5 +98,10 @@ FlattenError concat_conversations(const std::vector<ArrayRef>& ids, const std::v
   }
   return {};
 }
+
+template FlattenError concat_conversations<int64_t>(const std::vector<ArrayRef>&,
+                                                    const std::vector<ArrayRef>&, int64_t*, uint8_t*);
+template FlattenError concat_conversations<int32_t>(const std::vector<ArrayRef>&,
+                                                    const std::vector<ArrayRef>&, int32_t*, uint8_t*);
 
 }  // namespace refit_packing

@@ -68,8 +68,8 @@ namespace {
 
 // Positions [j0, j1) of one conversation of length len, written to o*[0, j1 - j0). Returns the OR of
 // the copied ids (the caller checks sign and width once per call, not per token).
-template <class T>
-inline uint64_t fill_span(const int64_t* src, const uint8_t* mk, int64_t j0, int64_t j1, int64_t len,
+template <class T, class I>
+inline uint64_t fill_span(const I* src, const uint8_t* mk, int64_t j0, int64_t j1, int64_t len,
                           T sid, T* oi, T* ol, T* op, T* os) {
   const T ignore = static_cast<T>(-100);
   uint64_t bits = 0;
@@ -95,7 +95,8 @@ inline uint64_t fill_span(const int64_t* src, const uint8_t* mk, int64_t j0, int
 // Plan order visits conversations at random places in the input, so the hardware prefetcher
 // restarts at each one. Requesting all lines of the next conversation while this one is copied
 // hides that latency (measured: +10-15% on 200k chat-length conversations).
-inline void prefetch_conversation(const int64_t* ids, const uint8_t* mask, int64_t a, int64_t e) {
+template <class I>
+inline void prefetch_conversation(const I* ids, const uint8_t* mask, int64_t a, int64_t e) {
 #if defined(__GNUC__) || defined(__clang__)
   const char* p = reinterpret_cast<const char*>(ids + a);
   const char* const pe = reinterpret_cast<const char*>(ids + e);
@@ -216,8 +217,8 @@ class RowSink {
 
 }  // namespace
 
-template <class T>
-bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offsets,
+template <class T, class I>
+bool fill_rows(const I* ids, const uint8_t* mask, const int64_t* conv_offsets,
                const int64_t* bin_offsets, int64_t n_bins, const int64_t* items,
                const RowLayout& layout, int64_t pad_to, int64_t pad_id, bool local_seq_ids,
                T* out_ids, T* out_labels, T* out_pos, T* out_seq, int32_t* out_cu,
@@ -240,7 +241,7 @@ bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offs
       if (k + 1 < n_items)
         prefetch_conversation(ids, mask, conv_offsets[items[k + 1]], conv_offsets[items[k + 1] + 1]);
       sink.write(at, len, [&](int64_t j0, int64_t j1, T* oi, T* ol, T* op, T* os) {
-        id_bits |= fill_span<T>(ids + a, mask + a, j0, j1, len, sid, oi, ol, op, os);
+        id_bits |= fill_span<T, I>(ids + a, mask + a, j0, j1, len, sid, oi, ol, op, os);
       });
       at += len;
       *cu++ = static_cast<int32_t>(at - row_start);
@@ -259,15 +260,20 @@ bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offs
     out_max_seqlen[b] = longest;
   }
   sink.finish(layout.total_tokens);
-  // Negative ids set the top bit: rejected for both widths; int32 also rejects ids >= 2^31.
+  // Ids are sign-extended into id_bits, so a negative one sets bit 63 whatever I is: rejected for
+  // both widths of T; int32 rows also reject ids >= 2^31 (only int64 ids can hold those).
   return (id_bits >> (8 * sizeof(T) - 1)) == 0;
 }
 
-template bool fill_rows<int64_t>(const int64_t*, const uint8_t*, const int64_t*, const int64_t*,
-                                 int64_t, const int64_t*, const RowLayout&, int64_t, int64_t, bool,
-                                 int64_t*, int64_t*, int64_t*, int64_t*, int32_t*, int64_t*);
-template bool fill_rows<int32_t>(const int64_t*, const uint8_t*, const int64_t*, const int64_t*,
-                                 int64_t, const int64_t*, const RowLayout&, int64_t, int64_t, bool,
-                                 int32_t*, int32_t*, int32_t*, int32_t*, int32_t*, int64_t*);
+// Every (rows, ids) width pair: the id type is the data set's, the row type the caller's choice.
+#define REFIT_FILL_ROWS(T, I)                                                                    \
+  template bool fill_rows<T, I>(const I*, const uint8_t*, const int64_t*, const int64_t*, int64_t, \
+                                const int64_t*, const RowLayout&, int64_t, int64_t, bool, T*, T*, \
+                                T*, T*, int32_t*, int64_t*);
+REFIT_FILL_ROWS(int64_t, int64_t)
+REFIT_FILL_ROWS(int64_t, int32_t)
+REFIT_FILL_ROWS(int32_t, int64_t)
+REFIT_FILL_ROWS(int32_t, int32_t)
+#undef REFIT_FILL_ROWS
 
 }  // namespace refit_packing

@@ -80,12 +80,13 @@ RowLayout layout_rows(const int64_t* conv_offsets, int64_t n_conv, int64_t n_tok
                       const int64_t* bin_offsets, int64_t n_bins, const int64_t* items,
                       int64_t n_items, int64_t pad_to);
 
-// Fills every row. Pure memory traffic; runs with the GIL released. T is int64_t or int32_t.
-// seq_ids are the conversation's index in the input, or with local_seq_ids its place in its row
-// (0..k-1), which is what per-row segment reductions index by. Returns false if some token id is
-// negative or does not fit in T (the rows are then garbage).
-template <class T>
-bool fill_rows(const int64_t* ids, const uint8_t* mask, const int64_t* conv_offsets,
+// Fills every row. Pure memory traffic; runs with the GIL released. T (the rows) and I (the flat
+// ids, kept as the data set stores them so that an int32 Arrow column needs no widening copy) are
+// each int64_t or int32_t. seq_ids are the conversation's index in the input, or with
+// local_seq_ids its place in its row (0..k-1), which is what per-row segment reductions index by.
+// Returns false if some token id is negative or does not fit in T (the rows are then garbage).
+template <class T, class I>
+bool fill_rows(const I* ids, const uint8_t* mask, const int64_t* conv_offsets,
                const int64_t* bin_offsets, int64_t n_bins, const int64_t* items,
                const RowLayout& layout, int64_t pad_to, int64_t pad_id, bool local_seq_ids,
                T* out_ids, T* out_labels, T* out_pos, T* out_seq, int32_t* out_cu,
@@ -108,10 +109,12 @@ struct FlattenError {
   int64_t position = -1;  // within the conversation
 };
 
-// Copies conversation i's ids (as int64) and mask (as uint8) to out_ids/out_mask back to back, in
-// order, checking that ids are >= 0 (and fit int64) and mask values are 0 or 1. Stops at the
-// first bad conversation. Sizes of ids[i] and masks[i] must match (the caller checks).
+// Copies conversation i's ids (as O: int64_t, or int32_t when every id array's type fits in it)
+// and mask (as uint8) to out_ids/out_mask back to back, in order, checking that ids are >= 0 (and
+// fit int64) and mask values are 0 or 1. Stops at the first bad conversation. Sizes of ids[i] and
+// masks[i] must match (the caller checks).
+template <class O>
 FlattenError concat_conversations(const std::vector<ArrayRef>& ids, const std::vector<ArrayRef>& masks,
-                                  int64_t* out_ids, uint8_t* out_mask);
+                                  O* out_ids, uint8_t* out_mask);
 
 }  // namespace refit_packing

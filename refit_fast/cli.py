@@ -10,7 +10,7 @@ import sys
 
 # name -> (module with `main(argv)`, one-line help)
 COMMANDS = {
-    "demo": ("refit_fast.envs.demo", "the paper's experiment on the clarifying-QA tasks: base, STaR-GATE, DPO, Refit, Swift (and filtered SFT)"),
+    "demo": ("refit_fast.demo", "the paper's experiment on the clarifying-QA tasks: base, STaR-GATE, DPO, Refit, Swift (and filtered SFT)"),
     "collect": ("refit_fast.envs.collect", "log conversations of the behaviour policy in the clarifying-QA environment as JSONL"),
     "validate": ("refit_fast.data.validate", "check a conversations JSONL file and print statistics, without training"),
     "train": ("refit_fast.train.cli", "train a policy on logged conversations from a YAML config"),

@@ -8,7 +8,7 @@ import torch
 
 from refit_fast.data import build_word_tokenizer
 from refit_fast.envs import corpus, evaluate, rollout
-from refit_fast.envs.demo import METHODS, POLICIES, PRESETS, RESULT_KEYS, Preset, main, run_demo
+from refit_fast.demo import METHODS, POLICIES, PRESETS, RESULT_KEYS, Preset, main, run_demo
 from refit_fast.envs.model_policy import ModelPolicy
 
 COLUMNS = ("mean_reward", "stderr", "accuracy", "accuracy_stderr", "questions_per_episode", "well_formed")
@@ -112,6 +112,21 @@ def test_demo_cli_refuses_bad_options(tmp_path, capsys):
             main(["--out", str(tmp_path)] + argv)
         assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_demo_lives_above_the_environment():
+    """The demo is refit_fast.demo (run by `refit-fast demo` or `python -m refit_fast.demo`); envs/ has none."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from refit_fast.cli import COMMANDS
+
+    assert COMMANDS["demo"][0] == "refit_fast.demo"
+    assert importlib.util.find_spec("refit_fast.envs.demo") is None
+    done = subprocess.run([sys.executable, "-m", "refit_fast.demo", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "usage: refit-fast demo" in done.stdout
 
 
 # ---- ModelPolicy ------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The clarifying-QA environment: rules, truthful user, horizon, malformed turns, the graded and
 binary rewards, determinism, the scripted policies, evaluation, and `refit-fast collect`. Pure
 Python, a few seconds."""
+import ast
 import hashlib
 import json
 import math
+import pathlib
 import random
 import statistics
 
@@ -351,6 +353,30 @@ def test_canonical_flags_rambling_that_still_parses():
     assert evaluate(OPTIMAL, n_episodes=20, progress=False)["canonical"] == 1.0
 
 
+def test_phrases_live_in_one_module():
+    """The simulator and the policies share envs/phrases.py; neither spells a template out itself."""
+    from refit_fast.envs import clarify, phrases, policies
+
+    for name in ("QUESTION", "ANSWER", "ATTRIBUTES", "KINDS", "VALUE_TO_ATTRIBUTE"):
+        for module in (clarify, policies):
+            if hasattr(module, name):
+                assert getattr(module, name) is getattr(phrases, name), (module.__name__, name)
+    assert policies.MALFORMED_TURNS is phrases.MALFORMED_TURNS and clarify.NOT_UNDERSTOOD is phrases.NOT_UNDERSTOOD
+    for module in (clarify, policies):
+        tree = ast.parse(pathlib.Path(module.__file__).read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr)}
+        literals = {node.value for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+        assert not literals & set(phrases.all_phrases() + ["tiny", "ball"]), module.__name__
+    # What the policies say is what the environment calls canonical, word for word.
+    env = ClarifyEnv()
+    env.reset(7)
+    assert env.step(phrases.QUESTION.format(attribute="color"))[3]["canonical"]
+    assert env.step(phrases.ANSWER.format(value="yellow", kind="book"))[3]["canonical"]
+
+
 def test_episodes_and_collection_are_deterministic():
     assert [make_episode(s) for s in SEEDS] == [make_episode(s) for s in SEEDS]
     assert collect(100, seed=3) == collect(100, seed=3)
@@ -550,3 +576,125 @@ def test_collect_batched_equals_one_at_a_time():
     assert [env.episode.seed for env, _ in played] == [1, 3, 5]
     with pytest.raises(ValueError, match="returned 1 texts for 2"):
         play(lambda convs: ["x"], [1, 3], batched=True)
+
+
+# ---- package layering ------------------------------------------------------------------------------
+# Checked on the source (ast), so it covers imports inside functions too and works on whatever modules
+# exist at the time: lower stages never reach up, and no two modules import each other, even lazily.
+
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1] / "refit_fast"
+# stage -> the modules it must never import (a prefix covers the package and everything under it)
+FORBIDDEN = {
+    "refit_fast.envs": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+    "refit_fast.data": ("refit_fast.train", "refit_fast.envs", "refit_fast.demo", "refit_fast.apps",
+                        "refit_fast.cli"),
+    "refit_fast.packing": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+    "refit_fast.ops": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+    "refit_fast.model": ("refit_fast.train", "refit_fast.demo", "refit_fast.apps", "refit_fast.cli"),
+}
+
+
+def _module_names(root: pathlib.Path) -> dict[str, pathlib.Path | None]:
+    """Dotted name -> source file of every module under ``root`` (compiled extensions: None)."""
+    names = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".py", ".so", ".pyd") or "__pycache__" in path.parts:
+            continue
+        parts = list(path.relative_to(root.parent).parts)
+        parts[-1] = parts[-1].split(".")[0]  # foo.py, _ext.cpython-311-x86_64-linux-gnu.so
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path if path.suffix == ".py" else None
+    return names
+
+
+def _imports(name: str, path: pathlib.Path, modules, top: str) -> set[str]:
+    """The modules of package ``top`` that ``name`` imports anywhere in its source (top level or inside
+    functions)."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = name.split(".") if is_package else name.split(".")[:-1]
+                package = package[: len(package) - (node.level - 1)]
+                base = ".".join(package + ([base] if base else []))
+            # `from pkg import sub` imports the submodule when there is one, else names of pkg itself
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t == top or t.startswith(top + "."))
+    out.discard(name)
+    return out
+
+
+def import_graph(root: pathlib.Path = PACKAGE_ROOT) -> dict[str, set[str]]:
+    """Module of the package at ``root`` -> the modules of that package it imports (compiled extensions
+    are leaves)."""
+    modules = _module_names(root)
+    return {name: _imports(name, path, modules, root.name) for name, path in modules.items() if path}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(groups)
+
+
+def test_import_graph_helpers_see_function_level_imports_and_cycles(tmp_path):
+    graph = import_graph()
+    assert "refit_fast.envs.clarify" in graph and "refit_fast.model.attention" in graph
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from pkg.sub import a\n")
+    (pkg / "_ext.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("import os\nfrom . import b\nfrom pkg import _ext\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..sub.a import g\n    from pkg import thing\n")
+    assert import_graph(pkg) == {"pkg": {"pkg.sub.a"}, "pkg.sub": set(), "pkg.sub.a": {"pkg.sub.b", "pkg._ext"},
+                                 "pkg.sub.b": {"pkg.sub.a", "pkg"}}
+    assert import_cycles(import_graph(pkg)) == [["pkg", "pkg.sub.a", "pkg.sub.b"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_between_modules():
+    assert import_cycles(import_graph()) == []
+
+
+def test_lower_stages_never_import_upward():
+    bad = []
+    for module, targets in sorted(import_graph().items()):
+        for stage, forbidden in FORBIDDEN.items():
+            if module == stage or module.startswith(stage + "."):
+                bad += [f"{module} -> {t}" for t in sorted(targets)
+                        if any(t == f or t.startswith(f + ".") for f in forbidden)]
+    assert bad == []

@@ -181,6 +181,20 @@ def make_convs(lengths, rng, vocab=50_000):
     return convs
 
 
+ID_DTYPES = [np.int64, np.int32]  # widths of FlatConversations.input_ids: rows must not depend on it
+ID_NAMES = ["ids64", "ids32"]
+
+
+def ids_as(convs, dtype):
+    """The same conversations with ids of ``dtype`` (flatten keeps int32 ids int32)."""
+    return [(np.asarray(c[0]).astype(dtype), *c[1:]) for c in convs]
+
+
+def flat_as(flat, dtype):
+    """The same FlatConversations with ids of ``dtype``."""
+    return FlatConversations(flat.input_ids.astype(dtype), flat.loss_mask, flat.offsets)
+
+
 def plan_as_lists(plan) -> list[list[int]]:
     return [b.tolist() for b in plan]
 
@@ -333,12 +347,14 @@ def test_efficiency_on_chat_lengths():
 @pytest.mark.parametrize("cap", [1, 3, 64, 257, 4096, 8193])
 @pytest.mark.parametrize("strategy", ["bfd", "ffs"])
 @pytest.mark.parametrize("pad", [False, True])
-def test_rows_match_reference(cap, strategy, pad):
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_rows_match_reference(cap, strategy, pad, id_dtype):
     rng = np.random.default_rng(cap + 11 * pad)
     lengths = np.clip(rng.integers(1, min(cap, 600) + max(cap // 10, 2), 120), 1, None)
-    convs = make_convs(lengths, rng)
+    convs = ids_as(make_convs(lengths, rng), id_dtype)
     pad_to = cap + 5 if pad else None
     packed = pack(convs, cap, strategy=strategy, seed=99, pad_to=pad_to)
+    assert packed.flat.input_ids.dtype == id_dtype and packed.input_ids.dtype == np.int64
     kept = [i for i, n in enumerate(lengths) if n <= cap]
     check_rows(packed, convs, cap, pad_to, expect_kept=kept)
     rows_equal(packed, ref_rows(convs, ref_plan(lengths.tolist(), cap, strategy, 99), pad_to))
@@ -402,10 +418,12 @@ def test_input_types_and_int32_rows():
         materialize(flatten(big), plan_bins([2], 4), dtype=np.int32)
 
 
-def test_rows_slice_and_preallocated_buffers():
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_rows_slice_and_preallocated_buffers(id_dtype):
     rng = np.random.default_rng(3)
     lengths = rng.integers(1, 500, 400)
-    flat = flatten(make_convs(lengths, rng))
+    flat = flatten(ids_as(make_convs(lengths, rng), id_dtype))
+    assert flat.input_ids.dtype == id_dtype
     plan = plan_bins(flat.lengths, 1024, seed=2)
     whole = materialize(flat, plan)
     buf = row_buffers(plan, flat.lengths, rows=7)
@@ -444,10 +462,11 @@ def test_to_torch():
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 @pytest.mark.parametrize("pad_to", [None, 70])
-def test_local_seq_ids(dtype, pad_to):
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_local_seq_ids(dtype, pad_to, id_dtype):
     rng = np.random.default_rng(17)
     lengths = rng.integers(1, 40, 90)
-    convs = make_convs(lengths, rng)
+    convs = ids_as(make_convs(lengths, rng), id_dtype)
     flat = flatten(convs)
     plan = plan_bins(flat.lengths, 64, seed=5)
     bins = plan_as_lists(plan)
@@ -582,6 +601,151 @@ def test_validators():
 
 
 # --------------------------------------------------------------------------------------------------
+# int32 token ids (as Hugging Face datasets stores them), read without widening
+# --------------------------------------------------------------------------------------------------
+
+ROW_FIELDS = ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens", "max_seqlen", "row_offsets", "cu_offsets")
+
+
+def assert_same_packed(a, b):
+    for key in ROW_FIELDS:
+        x, y = getattr(a, key), getattr(b, key)
+        assert x.dtype == y.dtype, key
+        np.testing.assert_array_equal(x, y, err_msg=key)
+    assert a.stats == b.stats
+
+
+@pytest.mark.parametrize("cap", [1, 3, 257, 4096])
+def test_int32_ids_give_the_same_rows(cap):
+    rng = np.random.default_rng(cap + 47)
+    lengths = np.clip(rng.integers(1, min(cap, 600) + max(cap // 10, 2), 150), 1, None)
+    convs = make_convs(lengths, rng, vocab=2**31 - 1)
+    f64 = flatten(convs)
+    f32 = flat_as(f64, np.int32)
+    for strategy, pad, seq_ids, dtype in itertools.product(["bfd", "ffs"], [None, cap + 3], ["global", "local"],
+                                                           [np.int64, np.int32]):
+        plan = plan_bins(f64.lengths, cap, strategy=strategy, seed=cap)
+        want = materialize(f64, plan, pad_to=pad, seq_ids=seq_ids, dtype=dtype)
+        assert_same_packed(materialize(f32, plan, pad_to=pad, seq_ids=seq_ids, dtype=dtype), want)
+        # Batches of an odd number of rows into buffers one element off their allocation.
+        buf = {k: v[1:] for k, v in row_buffers(plan, f64.lengths, pad_to=pad, rows=5 + 1, dtype=dtype).items()}
+        for a in range(0, len(plan), 5):
+            got = materialize(f32, plan, rows=slice(a, a + 5), out=buf, pad_to=pad, seq_ids=seq_ids, dtype=dtype)
+            for r in range(len(got)):
+                for key, v in got[r].items():
+                    np.testing.assert_array_equal(v, want[a + r][key], err_msg=key)
+        lazy32 = pack(f32, cap, strategy=strategy, seed=cap, pad_to=pad, seq_ids=seq_ids)
+        assert lazy32.flat is f32  # planned and built from the int32 buffer itself
+        if dtype == np.int64:  # pack's rows are int64
+            rows_equal(lazy32, [want[k] for k in range(len(want))])
+    # Over-long handling keeps the ids' width and cuts the same tokens.
+    with_system = [(c[0], c[1], min(2, len(c[0]))) for c in convs]
+    t64 = pack(with_system, cap, overlong="truncate_turns", seed=1)
+    t32 = pack(ids_as(with_system, np.int32), cap, overlong="truncate_turns", seed=1)
+    assert t32.flat.input_ids.dtype == np.int32
+    assert_same_packed(t32.materialize_all(), t64.materialize_all())
+
+
+def test_int32_ids_without_a_copy():
+    pa = pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(53)
+    convs = make_convs(rng.integers(1, 30, 15), rng)
+    want = flatten(convs)
+    ids32 = want.input_ids.astype(np.int32)
+    flat = FlatConversations.from_buffers(ids32, want.loss_mask, want.offsets)
+    assert flat.input_ids.dtype == np.int32 and np.shares_memory(flat.input_ids, ids32)
+    sub = FlatConversations.from_buffers(ids32, want.loss_mask.view(bool), want.offsets[4:9])  # rebased views
+    assert np.shares_memory(sub.input_ids, ids32) and sub.input_ids[0] == ids32[want.offsets[4]]
+    # An Arrow list<int32> column, as datasets writes input_ids, whole and sliced.
+    table = pa.table({
+        "input_ids": pa.array([c[0].tolist() for c in convs], pa.list_(pa.int32())),
+        "loss_mask": pa.array([c[1].tolist() for c in convs], pa.list_(pa.int8())),
+    })
+    values = table["input_ids"].chunk(0).values.to_numpy()
+    for part, lo, hi in [(table, 0, 15), (table.slice(3, 7), 3, 10)]:
+        got = FlatConversations.from_arrow(part["input_ids"], part["loss_mask"])
+        assert got.input_ids.dtype == np.int32 and np.shares_memory(got.input_ids, values)
+        expect = flatten(convs[lo:hi])
+        np.testing.assert_array_equal(got.input_ids, expect.input_ids)
+        np.testing.assert_array_equal(got.loss_mask, expect.loss_mask)
+        packed = pack(got, 64, seed=2)
+        assert np.shares_memory(packed.flat.input_ids, values)
+        assert_same_packed(packed.materialize_all(), pack(expect, 64, seed=2).materialize_all())
+    large = pa.array([[5, 6], [7]], pa.large_list(pa.int32()))
+    got = FlatConversations.from_arrow(large, pa.array([[0, 1], [1]], pa.large_list(pa.int8())))
+    assert got.input_ids.dtype == np.int32 and got.offsets.tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match="conversation 1: negative token id -4 at position 1"):
+        FlatConversations.from_arrow(pa.array([[1], [2, -4]], pa.list_(pa.int32())), pa.array([[0], [1, 1]]))
+
+
+@pytest.mark.parametrize(
+    "ids, want",
+    [
+        (np.array([1, 2, 3], np.int64), np.int64),
+        (np.array([1, 2, 3], np.int32), np.int32),
+        (np.array([1, 2, 3], np.int8), np.int32),
+        (np.array([1, 2, 3], np.int16), np.int32),
+        (np.array([1, 2, 255], np.uint8), np.int32),
+        (np.array([1, 2, 65535], np.uint16), np.int32),
+        (np.array([1, 2, 2**31 - 1], np.uint32), np.int32),
+        (np.array([1, 2, 2**31], np.uint32), np.int64),
+        (np.array([1, 2, 2**31 - 1], np.uint64), np.int32),
+        (np.array([1, 2, 2**40], np.uint64), np.int64),
+        (np.array([1, 2, 2**31 - 1], ">i4"), np.int32),
+        (np.array([1, 2, 2**40], ">i8"), np.int64),
+        (np.array([1, 2, 2**31], ">u4"), np.int64),
+    ],
+    ids=lambda v: v.dtype.str if isinstance(v, np.ndarray) else None,
+)
+def test_id_width_rule_of_from_buffers(ids, want):
+    flat = FlatConversations.from_buffers(ids, [0, 1, 1], [0, 1, 3])
+    assert flat.input_ids.dtype == want and flat.input_ids.dtype.isnative
+    assert flat.input_ids.tolist() == ids.tolist()
+    assert np.shares_memory(flat.input_ids, ids) == (ids.dtype in (np.dtype(np.int64), np.dtype(np.int32)))
+    rows = pack(flat, 4, seed=0).materialize_all()
+    assert sorted(rows.input_ids.tolist()) == sorted(ids.tolist())
+
+
+def test_id_width_rule_of_flatten(flatten_path):
+    rng = np.random.default_rng(59)
+    base = make_convs(rng.integers(1, 20, 8), rng, vocab=100)
+    narrow = [np.int32, np.int16, np.int8, np.uint8, np.uint16, ">i4"]
+    cases = [
+        ([np.int32], np.int32),
+        (narrow, np.int32),
+        (narrow + [np.uint32], np.int64),  # uint32 may exceed int32: not looked at, widened
+        (narrow + [np.int64], np.int64),
+        ([np.uint64], np.int64),
+    ]
+    for types, want in cases:
+        convs = [(ids.astype(types[i % len(types)]), mask) for i, (ids, mask) in enumerate(base)]
+        flat = flatten(convs)
+        assert flat.input_ids.dtype == want, types
+        np.testing.assert_array_equal(flat.input_ids, np.concatenate([c[0] for c in base]))
+    assert flatten([(c[0].tolist(), c[1].tolist()) for c in base]).input_ids.dtype == np.int64
+    torch32 = [(torch.from_numpy(c[0].astype(np.int32)), torch.from_numpy(c[1])) for c in base]
+    assert flatten(torch32).input_ids.dtype == np.int32
+    assert flatten([]).input_ids.dtype == np.int64
+    with pytest.raises(ValueError, match="conversation 1: negative token id -7 at position 2"):
+        flatten([GOOD, (np.array([4, 5, -7], np.int32), np.array([0, 1, 1]))])
+
+
+def test_extension_reads_int32_or_int64_ids_only():
+    """The C++ call reads the ids' own width and never converts them (a copy is what int32 avoids)."""
+    ext = flat_module._ext()
+    mask, offs, bins, items = np.ones(3, np.uint8), np.array([0, 3]), np.array([0, 1]), np.array([0])
+    for ids in (np.array([1, 2, 3], np.int32), np.array([1, 2, 3], np.int64)):
+        got = ext.materialize(ids, mask, offs, bins, items, 0, 0, False, False)
+        assert got["input_ids"].tolist() == [1, 2, 3] and got["labels"].tolist() == [2, 3, IGNORE]
+    for bad in (np.array([1, 2, 3], np.int16), np.array([1, 2, 3], np.uint32), np.array([1, 2, 3], ">i4"),
+                np.array([1, 2, 3], np.float64)):
+        with pytest.raises(ValueError, match="ids must be int64 or int32"):
+            ext.materialize(bad, mask, offs, bins, items, 0, 0, False, False)
+    with pytest.raises(ValueError, match="ids must be contiguous"):
+        ext.materialize(np.arange(6, dtype=np.int32)[::2], mask, offs, bins, items, 0, 0, False, False)
+
+
+# --------------------------------------------------------------------------------------------------
 # Rows built on access, streamed fills, per-batch cost
 # --------------------------------------------------------------------------------------------------
 
@@ -590,9 +754,10 @@ def _rows_of(packed) -> list[dict]:
     return [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in row.items()} for row in packed]
 
 
-def test_lazy_rows_equal_eager_rows():
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_lazy_rows_equal_eager_rows(id_dtype):
     rng = np.random.default_rng(21)
-    convs = make_convs(rng.integers(1, 300, 500), rng)
+    convs = ids_as(make_convs(rng.integers(1, 300, 500), rng), id_dtype)
     lazy = pack(convs, 1000, seed=4, pad_to=1003)
     eager = materialize(flatten(convs), lazy.plan, pad_to=1003)
     # 500 conversations make more rows than one iteration block, so block edges are crossed.
@@ -645,7 +810,8 @@ def test_stats_without_building_rows():
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 @pytest.mark.parametrize("pad", [None, 4100])
-def test_streamed_fill_matches_cached_fill(dtype, pad):
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_streamed_fill_matches_cached_fill(dtype, pad, id_dtype):
     """Outputs above 64 MiB take the streaming-store path; it must write exactly what batches do."""
     rng = np.random.default_rng(8)
     n_tokens = (80 << 20) // (4 * np.dtype(dtype).itemsize) + 12_345  # > 64 MiB of row arrays
@@ -655,7 +821,8 @@ def test_streamed_fill_matches_cached_fill(dtype, pad):
     total = int(lengths.sum())
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    flat = FlatConversations(rng.integers(0, 2**31 - 1, total), (rng.random(total) < 0.6).view(np.uint8), offsets)
+    ids = rng.integers(0, 2**31 - 1, total).astype(id_dtype)
+    flat = FlatConversations(ids, (rng.random(total) < 0.6).view(np.uint8), offsets)
     plan = plan_bins(flat.lengths, 4096, seed=1)
     whole = materialize(flat, plan, dtype=dtype, pad_to=pad)
     assert whole.input_ids.nbytes * 4 > 64 << 20
@@ -678,9 +845,10 @@ def test_streamed_fill_matches_cached_fill(dtype, pad):
     rows_equal([whole[k]], ref_rows(convs, [plan[k].tolist()], pad))
 
 
-def test_batch_cost_does_not_scan_other_conversations():
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_batch_cost_does_not_scan_other_conversations(id_dtype):
     """materialize(rows=...) checks only the conversations it copies (a batch costs O(batch))."""
-    flat = flatten([GOOD, GOOD, GOOD])
+    flat = flat_as(flatten([GOOD, GOOD, GOOD]), id_dtype)
     plan = BinPlan(np.array([0, 1, 2, 3]), np.array([0, 1, 2]), 8, "given", 0)
     offsets = flat.offsets.copy()
     offsets[2] = 100  # conversation 1 now ends, and 2 starts, outside the buffer
@@ -695,8 +863,9 @@ def test_batch_cost_does_not_scan_other_conversations():
         materialize(FlatConversations(flat.input_ids, flat.loss_mask, swapped), plan, rows=slice(1, 2))
 
 
-def test_hand_built_flat_values_are_checked_when_rows_are_built():
-    ids = np.array([1, 2, 3, 4, -5, 6])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_hand_built_flat_values_are_checked_when_rows_are_built(id_dtype):
+    ids = np.array([1, 2, 3, 4, -5, 6], id_dtype)
     flat = FlatConversations(ids, np.ones(6, np.uint8), np.array([0, 3, 6]))
     packed = pack(flat, 3)  # planning reads lengths only
     for dtype in (np.int64, np.int32):
@@ -714,7 +883,9 @@ def test_hand_built_flat_values_are_checked_when_rows_are_built():
 def test_hand_built_flat_layout_is_checked():
     ids, mask, offsets = np.array([1, 2, 3]), np.array([0, 1, 1], np.uint8), np.array([0, 3])
     FlatConversations(ids, mask, offsets)
-    for bad in [(ids.astype(np.int32), mask, offsets), (ids, mask.astype(bool), offsets),
+    FlatConversations(ids.astype(np.int32), mask, offsets)  # int32 ids too, as datasets stores them
+    for bad in [(ids.astype(np.int16), mask, offsets), (ids.astype(np.uint32), mask, offsets),
+                (ids.astype(">i4"), mask, offsets), (ids, mask.astype(bool), offsets),
                 (ids, mask, offsets.astype(np.int32)), (ids.astype(">i8"), mask, offsets),
                 (np.repeat(ids, 2)[::2], mask, offsets), (ids, mask[:2], offsets),
                 (ids, mask, np.zeros(0, np.int64)), (ids.tolist(), mask, offsets)]:
@@ -893,15 +1064,18 @@ def test_exchanges():
     assert truncate_turns(m, 3) is None
 
 
-def test_truncate_turns_in_pack():
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_truncate_turns_in_pack(id_dtype):
     sys_ids, sys_mask = [100, 101], [0, 0]
     ex = lambda u, a, base: ([base + k for k in range(u + a)], [0] * u + [1] * a)  # noqa: E731
     parts = [ex(3, 2, 10), ex(2, 3, 20), ex(2, 2, 30)]  # 5 + 5 + 4 tokens after a 2-token system turn
     ids = sys_ids + sum((p[0] for p in parts), [])
     mask = sys_mask + sum((p[1] for p in parts), [])
     short = ([7, 8, 9], [0, 1, 1])
-    convs = [(ids, mask, 2), short, (ids, mask)]  # 16 tokens; without system_len the turn is lost
+    # 16 tokens; without system_len the turn is lost
+    convs = ids_as([(ids, mask, 2), short, (ids, mask)], id_dtype)
     packed = pack(convs, 11, overlong="truncate_turns", seed=0)
+    assert packed.flat.input_ids.dtype == id_dtype
     got = {}
     for row in packed:
         for a, b in zip(row["cu_seqlens"][:-1], row["cu_seqlens"][1:]):

@@ -58,35 +58,25 @@ import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
-# attribute -> its values. Value words are unique across attributes, so a value names its attribute.
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "color": ("red", "blue", "green", "yellow", "black", "white"),
-    "size": ("tiny", "small", "big", "huge"),
-    "material": ("wooden", "metal", "glass", "plastic", "paper"),
-}
-KINDS: tuple[str, ...] = ("ball", "cup", "box", "hat", "lamp", "book", "key", "bag", "pen", "chair")
+from refit_fast.envs.phrases import (
+    ANSWER,
+    ATTRIBUTES,
+    KINDS,
+    NOT_UNDERSTOOD,
+    OPENINGS,
+    QUESTION,
+    REPLY,
+    SHARED_OPENINGS,
+    VALUE_TO_ATTRIBUTE,
+    all_phrases,
+)
 
-# Ambiguous openings: each names the kind of item but none says which one.
-OPENINGS: tuple[str, ...] = (
-    "please pass me the {kind} .",
-    "can you hand me the {kind} ?",
-    "i need the {kind} .",
-    "where is my {kind} ?",
-)
-# Openings that also mention a value every item shares (true, but no help).
-SHARED_OPENINGS: tuple[str, ...] = (
-    "please pass me the {value} {kind} .",
-    "i need my {value} {kind} .",
-)
-REPLY = "it is {value} ."
-NOT_UNDERSTOOD = "sorry , i do not understand ."
 MAX_CHARS = 4096  # agent text beyond this is not read: bounds the work on very long turns
 REWARDS = ("graded", "binary")
 # Every right conversation scores above this and every wrong one below, in both reward modes
 # (graded: right >= 0.6, wrong <= 0.4; binary: 1 and 0), so a logged reward tells right from wrong.
 SUCCESS_THRESHOLD = 0.5
 
-_VALUE_TO_ATTRIBUTE = {v: a for a, values in ATTRIBUTES.items() for v in values}
 _WORD = re.compile(r"[a-z0-9]+|\?")
 
 
@@ -261,7 +251,7 @@ def parse_turn(text) -> Turn:
     """
     words = [_ALIASES.get(w, w) for w in normalize(text)]
     attributes = sorted({w for w in words if w in ATTRIBUTES})
-    values = tuple(dict.fromkeys(w for w in words if w in _VALUE_TO_ATTRIBUTE))
+    values = tuple(dict.fromkeys(w for w in words if w in VALUE_TO_ATTRIBUTE))
     kinds = tuple(dict.fromkeys(w for w in words if w in KINDS))
     if len(attributes) == 1 and not values:
         return Turn("question", attribute=attributes[0])
@@ -276,12 +266,17 @@ def _is_canonical(text, turn: Turn, episode: Episode) -> bool:
     Lenient parsing accepts rambling such as "it is the red red red ball it is"; this stricter check lets
     an evaluation report language quality beyond parseability. Case and punctuation are ignored.
     """
-    words = [w for w in normalize(text) if w != "?"]
+    words = normalize(text)
     if turn.kind == "question":
-        return words == ["what", turn.attribute, "is", "it"]
+        return _same_words(words, QUESTION.format(attribute=turn.attribute))
     if turn.kind == "answer":
-        return len(turn.values) == 1 and words == ["it", "is", "the", turn.values[0], episode.kind]
+        return len(turn.values) == 1 and _same_words(words, ANSWER.format(value=turn.values[0], kind=episode.kind))
     return False
+
+
+def _same_words(words: list[str], phrase: str) -> bool:
+    # The policies' phrases (phrases.QUESTION / ANSWER) are the reference; '?' is punctuation here.
+    return [w for w in words if w != "?"] == [w for w in normalize(phrase) if w != "?"]
 
 
 def _matching_options(episode: Episode, turn: Turn) -> list[int]:
@@ -289,7 +284,7 @@ def _matching_options(episode: Episode, turn: Turn) -> list[int]:
     if any(k != episode.kind for k in turn.kinds):
         return []
     return [i for i in range(len(episode.options))
-            if all(episode.value_of(_VALUE_TO_ATTRIBUTE[v], i) == v for v in turn.values)]
+            if all(episode.value_of(VALUE_TO_ATTRIBUTE[v], i) == v for v in turn.values)]
 
 
 def graded_reward(correct: bool, informative: bool, wasted: int, max_turns: int) -> float:
@@ -431,16 +426,13 @@ def vocabulary(config: ClarifyConfig | None = None) -> list[str]:
         >>> v = vocabulary(); "ball" in v and "?" in v and len(v) < 300
         True
     """
-    from refit_fast.envs.policies import MALFORMED_TURNS, ANSWER, QUESTION
-
     config = config or ClarifyConfig()
-    texts = [*OPENINGS, *SHARED_OPENINGS, REPLY, NOT_UNDERSTOOD, *MALFORMED_TURNS, ANSWER, QUESTION]
     words = set()
-    for text in texts:
+    for text in all_phrases():
         words.update(text.replace("{kind}", "").replace("{value}", "").replace("{attribute}", "").split())
     words.update(KINDS)
     words.update(ATTRIBUTES)
-    words.update(_VALUE_TO_ATTRIBUTE)
+    words.update(VALUE_TO_ATTRIBUTE)
     ep = make_episode(0, config)
     words.update(system_message(ep, config).split())
     words.update(str(t) for t in range(1, config.max_turns + 1))

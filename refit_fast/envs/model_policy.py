@@ -16,8 +16,15 @@ class ModelPolicy:
     Greedy decoding by default (``temperature=0``); generation stops at the tokenizer's end-of-turn
     token (``<|end|>`` for :func:`refit_fast.data.build_word_tokenizer`) or after ``max_new_tokens``.
 
-        >>> policy = ModelPolicy(model, tokenizer)
-        >>> evaluate(policy, n_episodes=500, batched=True)["mean_reward"]
+    Example (a random tiny model, so the score means nothing):
+        >>> from refit_fast.data import build_word_tokenizer
+        >>> from refit_fast.envs import corpus, evaluate
+        >>> from refit_fast.model import build_model_from_config, tiny_config
+        >>> tokenizer = build_word_tokenizer(corpus(20))
+        >>> model = build_model_from_config(tiny_config(vocab_size=len(tokenizer)), attn_backend=None)
+        >>> scores = evaluate(ModelPolicy(model, tokenizer), n_episodes=4, batched=True, progress=False)
+        >>> 0.0 <= scores["mean_reward"] <= 1.0
+        True
     """
 
     def __init__(self, model, tokenizer, *, temperature: float = 0.0, max_new_tokens: int = 16,

@@ -22,15 +22,8 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from refit_fast.envs.clarify import ATTRIBUTES, KINDS, ClarifyConfig, parse_turn
-
-QUESTION = "what {attribute} is it ?"
-ANSWER = "it is the {value} {kind} ."
-# What the logged policy says when it rambles: none of these is a question about one attribute or
-# an item, so each wastes a turn (the near-miss "what is it ?" included).
-MALFORMED_TURNS = ("hmm , let me think .", "i am not sure .", "what is it ?", "ok .")
-
-_VALUE_TO_ATTRIBUTE = {v: a for a, values in ATTRIBUTES.items() for v in values}
+from refit_fast.envs.clarify import ClarifyConfig, parse_turn
+from refit_fast.envs.phrases import ANSWER, ATTRIBUTES, KINDS, MALFORMED_TURNS, QUESTION, VALUE_TO_ATTRIBUTE
 
 
 @dataclass
@@ -75,12 +68,12 @@ def read_state(messages: list[dict]) -> VisibleState:
         listing = listing[: listing.index(".")] if "." in listing else listing
         for item in " ".join(listing).split(" , "):
             parts = item.split()
-            if len(parts) == 2 and parts[1] in KINDS and parts[0] in _VALUE_TO_ATTRIBUTE:
+            if len(parts) == 2 and parts[1] in KINDS and parts[0] in VALUE_TO_ATTRIBUTE:
                 options.append(parts[0])
                 kind = parts[1]
     if "have" in words and words.index("have") + 1 < len(words) and words[words.index("have") + 1].isdigit():
         max_turns = int(words[words.index("have") + 1])
-    attribute = _VALUE_TO_ATTRIBUTE[options[0]] if options else None
+    attribute = VALUE_TO_ATTRIBUTE[options[0]] if options else None
     state = VisibleState(kind, options, attribute, max_turns=max_turns)
     pending = None  # the attribute of the last question, awaiting the user's reply
     for m in messages:
@@ -92,7 +85,7 @@ def read_state(messages: list[dict]) -> VisibleState:
                 state.asked.append(pending)
         elif m.get("role") == "user" and pending:
             reply = str(m.get("content") or "").split()
-            told = [w for w in reply if _VALUE_TO_ATTRIBUTE.get(w) == pending]
+            told = [w for w in reply if VALUE_TO_ATTRIBUTE.get(w) == pending]
             if told:
                 state.revealed[pending] = told[0]
             pending = None

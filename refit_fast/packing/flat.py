@@ -36,15 +36,35 @@ def _ext():
     return _EXT
 
 
+_ID_DTYPES = (np.int64, np.int32)  # the widths csrc/materialize.cpp reads ids in
+
+
+def _id_dtype(dtype: np.dtype, top: int | None = None) -> np.dtype:
+    """Width that ids of integer ``dtype`` are kept in by :meth:`FlatConversations.from_buffers`:
+    int32 and int64 as they are; any other dtype int32 when its values always fit (8- and 16-bit)
+    or, given ``top`` (the largest id, for uint32/uint64), when they do; else int64."""
+    native = dtype.newbyteorder("=")
+    if native in _ID_DTYPES:
+        return native
+    if native.itemsize <= 2 or (top is not None and top <= np.iinfo(np.int32).max):
+        return np.dtype(np.int32)
+    return np.dtype(np.int64)
+
+
+def _fits_int32(dtype: np.dtype) -> bool:
+    """Whether every value of integer ``dtype`` fits in int32: what :func:`flatten` decides by."""
+    return dtype.itemsize <= (4 if dtype.kind == "i" else 2)
+
+
 @dataclass(frozen=True)
-
-
 class FlatConversations:
     """All conversations in one buffer: conversation ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``.
 
-    ``input_ids`` is int64, ``loss_mask`` uint8 (0/1), ``offsets`` int64 ``[n + 1]``. Build it with
-    :func:`flatten`, which validates, or by hand from buffers you already have (e.g. an Arrow list
-    column's values and offsets: no copy). A hand-built one is checked as rows are built: the
+    ``input_ids`` is int64 or int32 (as the data set stores them: Hugging Face ``datasets`` keeps
+    ``list<int32>``, and planning and row building read either width, so neither is widened),
+    ``loss_mask`` uint8 (0/1), ``offsets`` int64 ``[n + 1]``. Build it with :func:`flatten`, which
+    validates, or by hand from buffers you already have (e.g. an Arrow list column's values and
+    offsets: no copy). A hand-built one is checked as rows are built: the
     offsets of every conversation a row holds (a bad one raises instead of reading out of bounds)
     and its token ids (a negative one raises ``ValueError`` naming the conversation); a mask value
     other than 0 counts as 1.
@@ -60,12 +80,13 @@ class FlatConversations:
 
     def __post_init__(self):
         # O(1) layout checks, so a hand-built one fails here with a hint, not in the C++ call.
-        for name, want in (("input_ids", np.int64), ("loss_mask", np.uint8), ("offsets", np.int64)):
+        for name, want in (("input_ids", _ID_DTYPES), ("loss_mask", (np.uint8,)), ("offsets", (np.int64,))):
             a = getattr(self, name)
-            if not (isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype == want and a.dtype.isnative
+            if not (isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype in want and a.dtype.isnative
                     and a.flags.c_contiguous):
                 got = f"{a.dtype}{'' if a.dtype.isnative else ' (swapped bytes)'} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-                raise ValueError(f"FlatConversations.{name} must be a contiguous 1-D {np.dtype(want)} array, "
+                kind = " or ".join(np.dtype(w).name for w in want)
+                raise ValueError(f"FlatConversations.{name} must be a contiguous 1-D {kind} array, "
                                  f"got {got}; FlatConversations.from_buffers converts and checks")
         if self.loss_mask.shape != self.input_ids.shape or self.offsets.shape[0] < 1:
             raise ValueError("FlatConversations: loss_mask must match input_ids and offsets needs n + 1 >= 1 "
@@ -90,8 +111,9 @@ class FlatConversations:
         the table *without* the row mapping that ``select``/``shuffle``/``filter`` add: call
         ``ds = ds.flatten_indices()`` first on such a dataset.
 
-        The token values are not copied when they are int64 and in one chunk (several chunks are
-        combined first); the mask column must have the same row lengths. Null rows or tokens raise
+        The token values are not copied when they are int32 (the ``datasets`` default) or int64
+        and in one chunk (several chunks are combined first); other integer types are converted as
+        :meth:`from_buffers` says. The mask column must have the same row lengths. Null rows or tokens raise
         ``ValueError``. Checks as :meth:`from_buffers`. pyarrow is not imported here: any object
         with pyarrow's list-array interface works.
 
@@ -126,8 +148,9 @@ class FlatConversations:
     def from_buffers(cls, input_ids, loss_mask, offsets, *, check_values: bool = True) -> "FlatConversations":
         """From flat buffers you already have, such as an Arrow list column's values and offsets.
 
-        No copy of the tokens when ``input_ids`` is int64 and ``loss_mask`` bool/uint8 (other integer
-        dtypes are converted). ``offsets`` (any integer dtype, ``[n + 1]``) must never decrease and
+        No copy of the tokens when ``input_ids`` is int32 or int64 (kept as it is) and ``loss_mask``
+        bool/int8/uint8. Other id dtypes are converted to int32 when every value fits (always for
+        8- and 16-bit ones; uint32/uint64 when the largest id is below 2**31), else to int64. ``offsets`` (any integer dtype, ``[n + 1]``) must never decrease and
         stay within the buffers; offsets that start after 0, as a sliced Arrow array has, are
         rebased. ``loss_mask`` must share ``offsets`` with ``input_ids``. Raises ``ValueError``
         naming the first empty conversation; with ``check_values`` (one vectorized pass) also the
@@ -139,8 +162,12 @@ class FlatConversations:
         >>> from refit_fast.packing import pack
         >>> flat = FlatConversations.from_buffers(np.array([5, 6, 7, 8]), np.array([0, 1, 1, 0], bool),
         ...                                       np.array([0, 3, 4], np.int32))
-        >>> flat.lengths.tolist(), flat.loss_mask.dtype.name, len(pack(flat, 4))
-        ([3, 1], 'uint8', 1)
+        >>> flat.lengths.tolist(), flat.input_ids.dtype.name, flat.loss_mask.dtype.name, len(pack(flat, 4))
+        ([3, 1], 'int64', 'uint8', 1)
+        >>> ids = np.array([5, 6, 7, 8], np.int32)  # e.g. a datasets list<int32> column's values
+        >>> flat = FlatConversations.from_buffers(ids, np.array([0, 1, 1, 0], np.uint8), [0, 3, 4])
+        >>> flat.input_ids.dtype.name, np.shares_memory(flat.input_ids, ids)
+        ('int32', True)
         """
         ids, mask, offs = (np.asarray(a) for a in (input_ids, loss_mask, offsets))
         for name, a, kinds in (("input_ids", ids, "iu"), ("loss_mask", mask, "biu"), ("offsets", offs, "iu")):
@@ -162,10 +189,12 @@ class FlatConversations:
         if offs[0] != 0 or offs[-1] != ids.shape[0]:  # a slice of the buffers: rebase (views only)
             ids, mask = ids[offs[0] : offs[-1]], mask[offs[0] : offs[-1]]
             offs = offs - offs[0]
-        if ids.dtype.kind == "u" and ids.itemsize == 8 and ids.size and ids.max() > np.iinfo(np.int64).max:
+        # Unsigned 32/64-bit ids: the largest one decides between int32 and int64 (or does not fit).
+        top = int(ids.max()) if ids.dtype.kind == "u" and ids.itemsize >= 4 and ids.size else None
+        if top is not None and top > np.iinfo(np.int64).max:
             pos = _first(ids > np.iinfo(np.int64).max)
             raise ValueError(f"conversation {_conversation_at(offs, pos)}: input_ids do not fit in int64")
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        ids = np.ascontiguousarray(ids, dtype=_id_dtype(ids.dtype, top))
         if check_values and ids.size:
             # min/max first (one read each, no temporary); the offender is located only on failure.
             pos, what = -1, ""
@@ -230,9 +259,16 @@ def flatten(conversations) -> FlatConversations:
     conversation: not 1-D, empty, mask length differs from ids, non-integer ids, a mask that is not
     bool/integer 0/1, or negative ids.
 
+    The flat ids are int32 when every conversation's ids have a dtype whose values all fit in it
+    (int8, int16, int32, uint8, uint16: half the memory, and no widening of an int32 data set);
+    otherwise, and for no conversations, int64. Rows come out in the ``dtype`` that
+    :func:`~refit_fast.packing.materialize` is given either way.
+
     >>> flat = flatten([([1, 2], [0, 1]), ([3, 4, 5], [True, False, True])])
     >>> flat.input_ids, flat.loss_mask
     (array([1, 2, 3, 4, 5]), array([0, 1, 1, 0, 1], dtype=uint8))
+    >>> flatten([(np.array([1, 2], np.int32), [0, 1]), (np.array([3], np.uint16), [1])]).input_ids.dtype
+    dtype('int32')
     >>> flatten([([1, 2], [0])])
     Traceback (most recent call last):
     ValueError: conversation 0: loss_mask has length 1 but input_ids has length 2
@@ -312,7 +348,8 @@ def _flatten_numpy(ids_col: list, mask_col: list) -> FlatConversations:
     np.cumsum(lengths, out=offsets[1:])
     if n == 0:
         return FlatConversations(np.zeros(0, np.int64), np.zeros(0, np.uint8), offsets)
-    ids = np.concatenate(ids_col, dtype=np.int64, casting="unsafe")  # dtypes checked above
+    id_dtype = np.int32 if all(_fits_int32(dt) for dt in ids_dtypes) else np.int64  # as the C++ path
+    ids = np.concatenate(ids_col, dtype=id_dtype, casting="unsafe")  # dtypes checked above
     if mask_dtypes == {np.dtype(bool)}:
         mask = np.concatenate(mask_col).view(np.uint8)
     else:

@@ -20,8 +20,6 @@ __all__ = ["BinPlan", "plan_bins"]
 
 
 @dataclass(frozen=True)
-
-
 class BinPlan:
     """Which conversations share a row: bin ``k`` holds ``items[offsets[k]:offsets[k+1]]``.
 

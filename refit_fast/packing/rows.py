@@ -22,8 +22,6 @@ __all__ = ["PackStats", "Packed", "materialize", "row_buffers", "to_torch"]
 
 
 @dataclass(frozen=True)
-
-
 class PackStats:
     """What packing did. ``efficiency = real_tokens / (rows * max_tokens)``."""
 
@@ -185,8 +183,9 @@ def materialize(
     """Fill the rows of ``plan`` from ``flat`` now, in one C++ call (GIL released).
 
     Row ``k`` holds the conversations of bin ``k``, in bin order. ``dtype`` (int64 or int32) is the
-    dtype of ``input_ids``, ``labels``, ``position_ids`` and ``seq_ids``; ``cu_seqlens`` is always
-    int32. With ``pad_to`` every row is padded to that length with ``pad_id`` (labels -100,
+    dtype of ``input_ids``, ``labels``, ``position_ids`` and ``seq_ids``, whichever width
+    ``flat.input_ids`` has (int32 ids are read as they are, not widened first); ``cu_seqlens`` is
+    always int32. With ``pad_to`` every row is padded to that length with ``pad_id`` (labels -100,
     seq_ids -1, positions restarting at 0) as one final ``cu_seqlens`` segment.
 
     ``seq_ids``: ``"global"`` (default) gives every token the index of its conversation in

@@ -14,6 +14,10 @@ The protocol follows the paper's, scaled down to a model trained from scratch:
 4. **scoring**: the base and every trained policy play held-out tasks greedily; mean graded reward
    and exact-match accuracy, each with its standard error.
 
+Run it as ``refit-fast demo`` or ``python -m refit_fast.demo``. It is an application on top of the
+library: it uses the environment (``refit_fast.envs``), the data layer and the trainer, and none of
+them imports it.
+
 Writes results.json, results.md, results.png, run_info.json, the scripted and logged data, and the
 models into --out. Training jobs run in parallel processes (``--jobs``, default: up to 2), each on one
 CPU thread, so the results do not depend on the number of jobs.
@@ -79,6 +83,13 @@ PRESETS = {
 
 
 def model_config(preset: Preset, vocab_size: int) -> dict:
+    """The base policy's transformers config: a small Llama with GQA (half as many kv heads).
+
+    Example:
+        >>> cfg = model_config(PRESETS["default"], vocab_size=100)
+        >>> cfg["model_type"], cfg["hidden_size"], cfg["num_key_value_heads"]
+        ('llama', 128, 2)
+    """
     return dict(model_type="llama", vocab_size=vocab_size, hidden_size=preset.hidden,
                 num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
                 num_key_value_heads=max(1, preset.heads // 2), intermediate_size=2 * preset.hidden,
@@ -86,7 +97,13 @@ def model_config(preset: Preset, vocab_size: int) -> dict:
 
 
 def train_config(preset: Preset, method: str, out: str, seed: int, device: str, **extra) -> dict:
-    """The trainer config of one policy: ``base`` (SFT on the scripted data) or a method from the base."""
+    """The trainer config of one policy: ``base`` (SFT on the scripted data) or a method from the base.
+
+    Example:
+        >>> cfg = train_config(PRESETS["quick"], "refit", "demo_out", seed=0, device="cpu")
+        >>> cfg["algorithm"], cfg["steps"], cfg["data"]["path"]
+        ('refit', 80, 'demo_out/logged.jsonl')
+    """
     base = method == "base"
     cfg = {
         "algorithm": "sft" if base else method,
@@ -112,7 +129,12 @@ def train_config(preset: Preset, method: str, out: str, seed: int, device: str, 
 
 def base_behaviour(seed: int):
     """The scripted assistant the base imitates: always names the item right once told (`p_correct=1`),
-    but answers before asking in 60% of first moves, asks a useless question in 10%, rambles in 5%."""
+    but answers before asking in 60% of first moves, asks a useless question in 10%, rambles in 5%.
+
+    Example:
+        >>> base_behaviour(0).p_correct
+        1.0
+    """
     from refit_fast.envs.policies import BehaviorPolicy
 
     return BehaviorPolicy(seed=seed, p_correct=1.0)
