@@ -606,3 +606,52 @@ def test_tensorboard_events_are_written_when_installed(tmp_path):
     train(cfg)
     events = [f for f in os.listdir(tmp_path / "out" / "tensorboard") if f.startswith("events.out.tfevents")]
     assert events and os.path.getsize(tmp_path / "out" / "tensorboard" / events[0]) > 0
+
+
+@pytest.mark.parametrize("world,pad_to,row_dtype", [(1, None, np.int64), (2, None, np.int64), (3, 70, np.int32)])
+def test_batches_deal_each_steps_rows_to_ranks_with_their_weights(world, pad_to, row_dtype):
+    from types import SimpleNamespace as C
+
+    from refit_fast.train.data import Batches
+
+    rng = np.random.default_rng(world)
+    convs = [C(id=str(i), input_ids=rng.integers(0, 50, n), loss_mask=np.r_[0, np.ones(n - 1, int)], reward=float(i),
+               prompt_key="p") for i, n in enumerate(rng.integers(3, 40, 41))]
+    data = TrainData.from_tokenized(convs)
+    s = Schedule(data, *make_units(data), max_tokens=64, rows_per_step=world * 2, seed=3, epochs=2)
+    ranks = [Batches(s, world_size=world, rank=r, weighting=lambda conv, stats: data.rewards[conv], pad_to=pad_to,
+                     row_dtype=row_dtype) for r in range(world)]
+    for k in range(s.total_steps):
+        steps = [b.step(k) for b in ranks]
+        sb = s.step_batch(k)
+        assert len({len(st.micro) for st in steps}) == 1  # every rank runs the same number of micro-steps
+        seen = []
+        for st in steps:
+            assert st.rows == len(sb.rows) and st.tokens == int(sb.loads.sum())
+            assert st.stats.n_units == len(sb.units)
+            for mb in st.micro:
+                if mb is None:
+                    continue
+                row, cu = mb.row, mb.row["cu_seqlens"].tolist()
+                assert row["input_ids"].dtype == torch.int64 and (pad_to is None or len(row["input_ids"]) == pad_to)
+                for j, i in enumerate(mb.weights64.long().tolist()):  # weight = reward = conversation index
+                    ids, _ = data.flat.conversation(i)
+                    assert row["input_ids"][cu[j]:cu[j + 1]].tolist() == ids.tolist()
+                    assert (row["seq_ids"][cu[j]:cu[j + 1]] == j).all()  # local ids
+                assert (row["seq_ids"][cu[len(mb.weights64)]:] == -1).all()  # padding, if any
+                seen += mb.weights64.long().tolist()
+        assert sorted(seen) == sorted(np.concatenate(sb.items).tolist())  # the step's rows, each on one rank
+
+
+@pytest.mark.parametrize("algorithm", ["swift", "dpo"])
+def test_packer_options_from_the_config_give_the_same_step(tmp_path, algorithm):
+    data = write_grouped_data(tmp_path / "g.jsonl")
+    over = {"batch.max_tokens": 80, "batch.grad_accum": 8}
+    plain = train(base_config(tmp_path, data, algorithm=algorithm, output_dir=str(tmp_path / "plain"), **over))
+    cfg = base_config(tmp_path, data, algorithm=algorithm, output_dir=str(tmp_path / "padded"),
+                      **over, **{"batch.pad_to": 85, "batch.row_dtype": "int32"})
+    padded = train(cfg)
+    assert padded.metrics[0]["rows"] == plain.metrics[0]["rows"] > 1
+    assert padded.losses[0] == pytest.approx(plain.losses[0], rel=1e-6, abs=1e-7)
+    _, expected = reference_step(cfg, padded.tokenizer)
+    assert_params_close(padded, expected)

@@ -132,7 +132,8 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     schedule = Schedule(data, *units, max_tokens=cfg.batch.max_tokens, rows_per_step=rows_per_step,
                         seed=cfg.seed, strategy=cfg.batch.strategy, steps=cfg.steps, epochs=cfg.epochs)
     batches = Batches(schedule, world_size=env.world_size, rank=env.rank, weighting=weighting,
-                      normalize="sequence" if pairs is not None else cfg.objective.normalize)
+                      normalize="sequence" if pairs is not None else cfg.objective.normalize,
+                      pad_to=cfg.batch.pad_to, row_dtype=np.dtype(cfg.batch.row_dtype))
     unit = "pairs" if pairs is not None else "conversations"
     n_units = len(schedule.unit_lengths)
     summary = (f"{cfg.algorithm}: {n_units - schedule.dropped_units} {unit} "
