@@ -13,6 +13,7 @@ from refit_fast.data.load import (
     load_conversations,
     prompt_key_of_messages,
     prompt_key_of_tokens,
+    token_id_problem,
 )
 from refit_fast.data.report import DataError, ValidationReport
 from refit_fast.data.tokenization import (
@@ -29,6 +30,7 @@ __all__ = [
     "ValidationReport",
     "DataError",
     "load_conversations",
+    "token_id_problem",
     "tokenize_conversations",
     "load_tokenized",
     "assistant_spans",

@@ -320,6 +320,24 @@ def _parse_reward(row, location, report, key) -> float | None:
     return r
 
 
+def token_id_problem(ids: np.ndarray, vocab: int | None = None) -> str | None:
+    """What is wrong with a conversation's token ids, or None: the one rule for ids wherever they come
+    from (pre-tokenized rows here, the tokenizer's vocabulary in tokenization, the model's in the
+    trainer). Every id is >= 0 and, when ``vocab`` is given, < ``vocab``.
+
+    Example:
+        >>> token_id_problem(np.array([3, 7]), vocab=8) is None, token_id_problem(np.array([3, 8]), vocab=8)
+        (True, 'token id 8 >= vocabulary size 8')
+    """
+    if ids.size == 0:
+        return None
+    if int(ids.min()) < 0:
+        return f"negative token id {int(ids.min())}"
+    if vocab is not None and int(ids.max()) >= vocab:
+        return f"token id {int(ids.max())} >= vocabulary size {vocab}"
+    return None
+
+
 def _parse_tokens(row, location, report):
     ids, mask = row.get("input_ids"), row.get("loss_mask")
     if mask is None:
@@ -345,8 +363,9 @@ def _parse_tokens(row, location, report):
     if len(ids_a) == 0:
         report.problem("empty_tokens", location, "input_ids is empty")
         return None
-    if ids_a.min() < 0:
-        report.problem("bad_tokens", location, f"negative token id {int(ids_a.min())}")
+    problem = token_id_problem(ids_a)
+    if problem:
+        report.problem("bad_tokens", location, problem)
         return None
     if not np.isin(mask_a, (0, 1)).all():
         report.problem("bad_tokens", location, "loss_mask values must be 0 or 1")

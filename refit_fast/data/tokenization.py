@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refit_fast.data.load import MAX_CHARS_PER_TOKEN, Conversation, load_conversations
+from refit_fast.data.load import MAX_CHARS_PER_TOKEN, Conversation, load_conversations, token_id_problem
 from refit_fast.data.report import ValidationReport
 from refit_fast.data.tokenizer import build_word_tokenizer  # noqa: F401  (the doctests use it)
 
@@ -439,8 +439,9 @@ def _too_many_chars(conv, limit: int, max_tokens: int, report) -> bool:
 def _finish(conv, ids, mask, vocab, max_tokens, overflow, report) -> TokenizedConversation | None:
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.asarray(mask, dtype=np.uint8)
-    if conv.is_tokenized and vocab is not None and len(ids) and int(ids.max()) >= vocab:
-        report.problem("bad_tokens", conv.location, f"token id {int(ids.max())} >= vocabulary size {vocab}")
+    problem = token_id_problem(ids, vocab) if conv.is_tokenized else None
+    if problem:
+        report.problem("bad_tokens", conv.location, problem)
         return None
     if max_tokens is not None and len(ids) > max_tokens:
         if overflow == "skip":

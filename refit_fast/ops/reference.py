@@ -35,7 +35,10 @@ def weighted_ce_reference(
 
         >>> h, W = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
         >>> y = torch.tensor([1, 2, -100, 3, 4, 5])
-        >>> weighted_ce_reference(h, W, y, torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1.0, 0.5]))
+        >>> ref = weighted_ce_reference(h, W, y, torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1.0, 0.5]))
+        >>> from refit_fast.ops import weighted_ce
+        >>> torch.allclose(ref, weighted_ce(h, W, y, torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1.0, 0.5])))
+        True
     """
     D = hidden.shape[-1]
     if seq_ids is None:

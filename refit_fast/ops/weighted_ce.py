@@ -254,8 +254,11 @@ def chunk_budget(nbytes: int | None = None, *, fp32_weight_grad: bool | None = N
         when the weight is bf16/fp16 (more accurate over many chunks, costs V*D*4 bytes). Default
         off (REFIT_FAST_FP32_WEIGHT_GRAD=1 turns it on). fp32 weights always accumulate in fp32.
 
+        >>> hidden, weight, labels = torch.randn(5, 8), torch.randn(13, 8), torch.tensor([1, 2, -100, 3, 4])
         >>> with chunk_budget(64 << 20):
         ...     loss = weighted_ce(hidden, weight, labels)
+        >>> bool(torch.isfinite(loss))
+        True
     """
     opts = _OPTIONS.get()
     if nbytes is not None:
@@ -735,10 +738,15 @@ def weighted_ce(
 class WeightedCELoss(torch.nn.Module):
     """Module form of :func:`weighted_ce` with the options fixed at construction.
 
+        >>> hidden, weight = torch.randn(6, 8), torch.randn(13, 8)           # e.g. model.lm_head.weight
+        >>> labels, seq_ids = torch.tensor([1, 2, -100, 3, 4, 5]), torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> rewards, groups = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 1])
         >>> loss_fn = WeightedCELoss(standardize=True, chunk_bytes=64 << 20)
-        >>> loss = loss_fn(hidden, model.lm_head.weight, labels, seq_ids, rewards)
+        >>> loss = loss_fn(hidden, weight, labels, seq_ids, rewards)
         >>> swift = WeightedCELoss(standardize="group")             # per-prompt statistics
-        >>> loss = swift(hidden, model.lm_head.weight, labels, seq_ids, rewards, groups=groups)
+        >>> loss = swift(hidden, weight, labels, seq_ids, rewards, groups=groups)
+        >>> loss.shape
+        torch.Size([])
     """
 
     def __init__(self, *, standardize=False, eps=1e-6, ignore_index=-100, reduction="mean",

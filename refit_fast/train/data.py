@@ -39,6 +39,7 @@ __all__ = [
     "filter_top",
     "group_index",
     "make_units",
+    "refuse_overlong",
     "step_stats",
 ]
 
@@ -207,6 +208,32 @@ def make_units(data: TrainData, pairs: np.ndarray | None = None) -> tuple[np.nda
     if pairs is None:
         return np.arange(len(data) + 1, dtype=np.int64), np.arange(len(data), dtype=np.int64)
     return np.arange(0, 2 * len(pairs) + 1, 2, dtype=np.int64), pairs.reshape(-1).astype(np.int64)
+
+
+def refuse_overlong(data: TrainData, unit_offsets, unit_items, max_tokens: int) -> None:
+    """``data.overlong=error``: a ValueError naming how many units (conversations, or DPO pairs) are
+    longer than ``max_tokens`` and the first few, by id and length.
+
+    Example:
+        >>> from types import SimpleNamespace as C
+        >>> data = TrainData.from_tokenized([C(id="a", input_ids=np.arange(9), loss_mask=np.ones(9, int), reward=0.0,
+        ...                                    prompt_key="p")])
+        >>> refuse_overlong(data, *make_units(data), 8)
+        Traceback (most recent call last):
+        ValueError: 1 training units are longer than batch.max_tokens=8 (data.overlong=error): a (9 tokens)
+    """
+    lengths = data.flat.lengths[unit_items]
+    unit_lengths = np.add.reduceat(lengths, unit_offsets[:-1]) if len(unit_offsets) > 1 else lengths[:0]
+    too_long = np.flatnonzero(unit_lengths > max_tokens)
+    if not len(too_long):
+        return
+    shown = []
+    for u in too_long[:3]:
+        ids = [data.ids[i] for i in unit_items[unit_offsets[u]:unit_offsets[u + 1]]]
+        shown.append(f"{' + '.join(ids)} ({int(unit_lengths[u])} tokens)")
+    more = f", and {len(too_long) - 3} more" if len(too_long) > 3 else ""
+    raise ValueError(f"{len(too_long)} training units are longer than batch.max_tokens={max_tokens} "
+                     f"(data.overlong=error): {', '.join(shown)}{more}")
 
 
 @dataclass

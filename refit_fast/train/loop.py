@@ -21,7 +21,8 @@ import torch
 
 from refit_fast.train import checkpoint as ckpt
 from refit_fast.train.config import ConfigError, TrainConfig, load_config
-from refit_fast.train.data import Batches, Schedule, TrainData, best_per_group, dpo_pairs, filter_top, group_index, make_units
+from refit_fast.train.data import (Batches, Schedule, TrainData, best_per_group, dpo_pairs, filter_top, group_index,
+                                   make_units, refuse_overlong)
 from refit_fast.train.distributed import all_reduce_sum, barrier, setup_distributed, wrap_model
 from refit_fast.train.metrics import MetricsLogger, peak_memory_mb
 from refit_fast.train.objectives import PackedCausalLM, conversation_weights, micro_batch_loss, sequence_logps
@@ -105,21 +106,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
 
     # ---- data and tokenizer ----
     convs, tokenizer, report = _load_data(cfg)
-    data = TrainData.from_tokenized(convs)
-    if cfg.algorithm == "filtered_sft":
-        kept = filter_top(data.rewards, cfg.objective.filter_top_fraction, cfg.objective.filter_min_reward)
-        if len(kept) == 0:
-            raise ValueError(f"filtered_sft: no conversation has reward >= objective.filter_min_reward="
-                             f"{cfg.objective.filter_min_reward} (highest reward: {data.rewards.max():g})")
-        data = data.subset(kept)
-    if cfg.algorithm == "star_gate":
-        data = data.subset(best_per_group(data.rewards, data.groups))
-    pairs = None
-    if cfg.algorithm == "dpo":
-        pairs = dpo_pairs(data.rewards, data.groups, cfg.objective.dpo_pairs, data.content_keys())
-    if pairs is not None and len(pairs) == 0:
-        raise ValueError("dpo: no pair of different conversations in the same group (prompt or group field) "
-                         "with different rewards in the data")
+    data, pairs = _select(cfg, TrainData.from_tokenized(convs))
     # what each conversation's log-likelihood is weighted by (None: unweighted objectives)
     groups = group_index(data.groups) if cfg.objective.swift_stats == "group" else None
     weighting = conversation_weights(cfg.algorithm, data.rewards, swift_stats=cfg.objective.swift_stats,
@@ -128,7 +115,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     rows_per_step = env.world_size * cfg.batch.grad_accum
     units = make_units(data, pairs)
     if cfg.data.overlong == "error":
-        _refuse_overlong(data, *units, cfg.batch.max_tokens)
+        refuse_overlong(data, *units, cfg.batch.max_tokens)
     schedule = Schedule(data, *units, max_tokens=cfg.batch.max_tokens, rows_per_step=rows_per_step,
                         seed=cfg.seed, strategy=cfg.batch.strategy, steps=cfg.steps, epochs=cfg.epochs)
     batches = Batches(schedule, world_size=env.world_size, rank=env.rank, weighting=weighting,
@@ -289,6 +276,25 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
 # ------------------------------------------------------------------------------------------------
 
 
+def _select(cfg: TrainConfig, data: TrainData) -> tuple[TrainData, np.ndarray | None]:
+    """The conversations the algorithm trains on, and DPO's ``[P, 2]`` pairs (None for the others)."""
+    if cfg.algorithm == "filtered_sft":
+        kept = filter_top(data.rewards, cfg.objective.filter_top_fraction, cfg.objective.filter_min_reward)
+        if len(kept) == 0:
+            raise ValueError(f"filtered_sft: no conversation has reward >= objective.filter_min_reward="
+                             f"{cfg.objective.filter_min_reward} (highest reward: {data.rewards.max():g})")
+        return data.subset(kept), None
+    if cfg.algorithm == "star_gate":
+        return data.subset(best_per_group(data.rewards, data.groups)), None
+    if cfg.algorithm == "dpo":
+        pairs = dpo_pairs(data.rewards, data.groups, cfg.objective.dpo_pairs, data.content_keys())
+        if len(pairs) == 0:
+            raise ValueError("dpo: no pair of different conversations in the same group (prompt or group field) "
+                             "with different rewards in the data")
+        return data, pairs
+    return data, None
+
+
 def _check_output_dir(cfg: TrainConfig) -> None:
     out = cfg.output_dir
     existing = ckpt.list_checkpoints(out)  # every rank checks, so every rank raises the same error
@@ -370,22 +376,6 @@ def _resolve_tokenizer(cfg: TrainConfig, convs, pretokenized: bool):
     return build_word_tokenizer(texts)
 
 
-def _refuse_overlong(data: TrainData, unit_offsets, unit_items, max_tokens: int) -> None:
-    """data.overlong=error: a ValueError naming how many units are too long and the first few."""
-    lengths = data.flat.lengths[unit_items]
-    unit_lengths = np.add.reduceat(lengths, unit_offsets[:-1]) if len(unit_offsets) > 1 else lengths[:0]
-    too_long = np.flatnonzero(unit_lengths > max_tokens)
-    if not len(too_long):
-        return
-    shown = []
-    for u in too_long[:3]:
-        ids = [data.ids[i] for i in unit_items[unit_offsets[u]:unit_offsets[u + 1]]]
-        shown.append(f"{' + '.join(ids)} ({int(unit_lengths[u])} tokens)")
-    more = f", and {len(too_long) - 3} more" if len(too_long) > 3 else ""
-    raise ValueError(f"{len(too_long)} training units are longer than batch.max_tokens={max_tokens} "
-                     f"(data.overlong=error): {', '.join(shown)}{more}")
-
-
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -415,9 +405,11 @@ def _check_vocab(model, data: TrainData, tokenizer) -> None:
     if tokenizer is not None and len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}; "
                           "raise model.config.vocab_size (or leave it out to use the tokenizer's size)")
-    top = int(data.flat.input_ids.max()) if data.flat.input_ids.size else -1
-    if top >= vocab:
-        raise ConfigError(f"token id {top} in the data is outside the model's vocabulary of {vocab}")
+    from refit_fast.data import token_id_problem
+
+    problem = token_id_problem(data.flat.input_ids, vocab)
+    if problem:
+        raise ConfigError(f"the data does not fit the model: {problem} (the model's embedding)")
 
 
 @torch.no_grad()
