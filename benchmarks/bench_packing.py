@@ -13,6 +13,10 @@ several times the packing itself and says nothing about the packer. Knobs: REFIT
 materialization keeps the input and four int64 arrays per token). The TRL comparison runs when
 `trl` and `datasets` import, and is skipped otherwise; trl is not a dependency of this project.
 
+The Arrow-table comparison runs on an int64 and on an int32 `input_ids` column (Hugging Face
+`datasets` stores tokenized ids as `list<int32>`); `FlatConversations.from_arrow` keeps either
+without a copy. For it, both sides report the median of several rounds, measured in the same run.
+
 pack() builds rows when they are read, so "pack() end to end" is what pack() itself costs; the
 "iterate over every row" measurement adds building all of them (one epoch's worth).
 """
@@ -56,6 +60,10 @@ def summary():
     yield
     if not RESULTS:
         return
+    for ids in ("int64", "int32"):
+        if f"trl_{ids}" in TIMES and f"pack_arrow_{ids}" in TIMES:
+            RESULTS[f"TRL / pack(), {ids} Arrow table (medians)"] = (
+                f"{TIMES[f'trl_{ids}'] / TIMES[f'pack_arrow_{ids}']:.1f}x")
     if "trl" in TIMES:
         for key, what in [("pack", "pack(), list input"), ("pack_flat", "pack(), flat input"),
                           ("pack_arrow", "pack(), Arrow table via from_arrow"),
@@ -66,7 +74,8 @@ def summary():
     lines = [
         f"Packer on one core of {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} CPUs), numpy {np.__version__}, {time.strftime('%Y-%m-%d')}; "
-        f"{N} conversations, lognormal median {MEDIAN} sigma {SIGMA}, max_tokens {CAP}. Best of rounds.",
+        f"{N} conversations, lognormal median {MEDIAN} sigma {SIGMA}, max_tokens {CAP}. "
+        "Best of rounds, except where a median is named.",
         "",
         "| measurement | result |",
         "|---|---|",
@@ -82,6 +91,11 @@ def summary():
 def best(benchmark) -> float | None:
     """Best round in seconds; None under --benchmark-disable (a smoke run records nothing)."""
     return benchmark.stats.stats.min if benchmark.stats else None
+
+
+def median(benchmark) -> float | None:
+    """Median round in seconds (None as for best): for the side-by-side with TRL, which varies."""
+    return benchmark.stats.stats.median if benchmark.stats else None
 
 
 @pytest.mark.parametrize("strategy", ["bfd", "ffs"])
@@ -127,6 +141,36 @@ def test_materialize_preallocated(benchmark, data, dtype):
     _rate(benchmark, data, f"materialize all rows, preallocated {np.dtype(dtype)}")
 
 
+def test_materialize_from_int32_ids(benchmark, data):
+    """int64 rows from int32 flat ids (a datasets table's width, read as they are: 4 bytes less per
+    token) against the same rows from int64 ids, all rows into preallocated buffers and 16-row
+    batches. The two inputs alternate within each round, so load from other jobs on the VM hits
+    both alike; medians of the rounds."""
+    f = data["flat"]
+    inputs = {"int64": f, "int32": FlatConversations(f.input_ids.astype(np.int32), f.loss_mask, f.offsets)}
+    plan = plan_bins(data["lengths"], CAP)
+    out = row_buffers(plan, data["lengths"])
+    batch = row_buffers(plan, data["lengths"], rows=BATCH_ROWS)
+    times: dict[tuple[str, str], list[float]] = {}
+
+    def one_round():
+        for ids, flat in inputs.items():
+            t = time.perf_counter()
+            materialize(flat, plan, out=out)
+            times.setdefault(("all rows", ids), []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for a in range(0, len(plan), BATCH_ROWS):
+                materialize(flat, plan, rows=slice(a, a + BATCH_ROWS), out=batch)
+            times.setdefault((f"{BATCH_ROWS}-row batches", ids), []).append(time.perf_counter() - t)
+
+    benchmark.pedantic(one_round, rounds=5, warmup_rounds=1)
+    if best(benchmark) is None:
+        return
+    for (what, ids), ts in times.items():
+        rate = data["tokens"] / float(np.median(ts[1:])) / 1e6  # ts[0] is the warm-up round
+        RESULTS[f"materialize {what}, int64 rows, from {ids} ids (alternating, median)"] = f"{rate:.0f} M tokens/s"
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.int32], ids=["int64", "int32"])
 def test_materialize_batches(benchmark, data, dtype):
     """Trainer-style: BATCH_ROWS rows per call into one small reused buffer, over the whole epoch."""
@@ -167,27 +211,32 @@ def test_pack_end_to_end_flat(benchmark, data):
     TIMES["pack_flat"] = t
 
 
-def test_pack_from_arrow_table(benchmark, data):
+@pytest.mark.parametrize("ids", ["int64", "int32"])
+def test_pack_from_arrow_table(benchmark, data, ids):
     """pack() from the same in-memory Arrow table TRL gets: FlatConversations.from_arrow (no copy of
-    the int64 ids; ids and mask values checked) and pack. Runs when pyarrow imports."""
+    the int64 or int32 ids; ids and mask values checked) and pack. Runs when pyarrow imports."""
     pa = pytest.importorskip("pyarrow")
-    table = _arrow_table(pa, data["flat"])
+    table = _arrow_table(pa, data["flat"], ids)
+    values = table["input_ids"].chunk(0).values.to_numpy()
 
     def run():
         return pack(FlatConversations.from_arrow(table["input_ids"], table["completion_mask"]), CAP)
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    t = best(benchmark)
+    packed = benchmark.pedantic(run, rounds=7, warmup_rounds=1)
+    assert packed.flat.input_ids.dtype == ids and np.shares_memory(packed.flat.input_ids, values)
+    t, m = best(benchmark), median(benchmark)
     if t is None:
         return
-    RESULTS["pack() end to end, Arrow table (values checked)"] = f"{t * 1e3:.0f} ms"
-    TIMES["pack_arrow"] = t
+    RESULTS[f"pack() end to end, {ids} Arrow table (values checked)"] = f"{m * 1e3:.0f} ms median ({t * 1e3:.0f} ms best)"
+    TIMES[f"pack_arrow_{ids}"] = m
+    if ids == "int64":
+        TIMES["pack_arrow"] = t
 
 
-def _arrow_table(pa, flat):
+def _arrow_table(pa, flat, ids="int64"):
     offsets = pa.array(flat.offsets.astype(np.int32))
     return pa.table({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat.input_ids)),
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat.input_ids.astype(ids))),
         "completion_mask": pa.ListArray.from_arrays(offsets, pa.array(flat.loss_mask.astype(np.int8))),
     })
 
@@ -211,8 +260,10 @@ def test_pack_and_read_every_row(benchmark, data):
     TIMES["pack_rows"] = t
 
 
-def test_trl_pack_dataset(benchmark, data):
-    """TRL's pack_dataset(strategy="bfd") on the same conversations, from an in-memory Arrow table."""
+@pytest.mark.parametrize("ids", ["int64", "int32"])
+def test_trl_pack_dataset(benchmark, data, ids):
+    """TRL's pack_dataset(strategy="bfd") on the same conversations, from an in-memory Arrow table
+    with int64 or int32 ids (the latter is what datasets' tokenization produces)."""
     try:
         import datasets
         import pyarrow as pa
@@ -221,21 +272,24 @@ def test_trl_pack_dataset(benchmark, data):
     except Exception as e:  # noqa: BLE001 - any import failure means "no TRL here"
         pytest.skip(f"trl/datasets not importable: {e}")
     datasets.disable_progress_bars()
-    table = _arrow_table(pa, data["flat"])
+    table = _arrow_table(pa, data["flat"], ids)
     # Explicit fingerprints skip datasets' dill hashing of the table, which is outside what we compare
     # (and fails with some dill/pyarrow combinations).
     ds = datasets.Dataset(InMemoryTable(table), fingerprint="bench-input")
     out = benchmark.pedantic(
         pack_dataset, args=(ds, CAP), kwargs={"strategy": "bfd", "map_kwargs": {"new_fingerprint": "bench-out"}},
-        rounds=1, warmup_rounds=1,
+        rounds=5, warmup_rounds=1,
     )
-    t = best(benchmark)
+    t, m = best(benchmark), median(benchmark)
     if t is None:
         return
     rows = len(out)
     eff = data["tokens"] / (rows * CAP)
     benchmark.extra_info.update(M_conv_per_s=N / t / 1e6, efficiency=eff)
-    RESULTS["TRL pack_dataset(bfd) end to end"] = f"{t:.2f} s ({N / t / 1e3:.0f} k conversations/s)"
+    RESULTS[f"TRL pack_dataset(bfd) end to end, {ids} Arrow table"] = (
+        f"{m:.2f} s median ({t:.2f} s best; {N / m / 1e3:.0f} k conversations/s)")
     RESULTS["TRL pack_dataset(bfd) efficiency"] = f"{eff:.4%} ({rows} rows; packs per map batch of 1000)"
     RESULTS["TRL version"] = __import__("trl").__version__
-    TIMES["trl"] = t
+    TIMES[f"trl_{ids}"] = m
+    if ids == "int64":
+        TIMES["trl"] = t

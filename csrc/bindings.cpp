@@ -84,7 +84,7 @@ py::dict materialize_as(const I* ids, const uint8_t* mask, const int64_t* conv_o
   {
     py::gil_scoped_release nogil;
     fits = fill_rows<T, I>(ids, mask, conv_off, bin_off, n_bins, items, lay, pad_to, pad_id,
-                        local_seq_ids, pi, pl, pp, ps, pc, pm);
+                           local_seq_ids, pi, pl, pp, ps, pc, pm);
   }
   if (!fits) {
     // Rare path: name the first offending conversation (in row order) for the error message.
