@@ -1203,3 +1203,29 @@ def test_reference_self_check():
     lengths = [3, 3, 2, 2, 1, 1, 4, 4]
     assert ref_plan(lengths, 5, "bfd", 0) != ref_plan(lengths, 5, "bfd", 1)
     assert len(list(itertools.chain(*ref_plan(lengths, 5, "ffs", 0)))) == len(lengths)
+
+
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=ID_NAMES)
+def test_trained_tokens_and_truncate_overlong_match_pack(id_dtype):
+    from refit_fast.packing import truncate_overlong
+
+    rng = np.random.default_rng(17)
+    convs = ids_as(make_convs(rng.integers(1, 60, 97), rng), id_dtype)
+    flat = flatten(convs)
+    # every label the rows get is a trained token but the first: the packer's shift, counted directly
+    np.testing.assert_array_equal(flat.trained_tokens(), [int(np.asarray(m)[1:].astype(bool).sum()) for _, m in convs])
+    packed = materialize(flat, plan_bins(flat.lengths, 64))
+    labels = np.zeros(len(flat), np.int64)
+    for row in packed:
+        np.add.at(labels, row["seq_ids"][row["labels"] != IGNORE], 1)
+    np.testing.assert_array_equal(labels, flat.trained_tokens())
+    # truncate_overlong is pack's truncate_turns: the same conversations, the same counts
+    cap = 25
+    cut, n, tokens = truncate_overlong(flat, cap)
+    ref = pack(convs, cap, overlong="truncate_turns")
+    np.testing.assert_array_equal(cut.offsets, ref.flat.offsets)
+    np.testing.assert_array_equal(cut.input_ids, ref.flat.input_ids)
+    assert (n, tokens) == (ref.stats.truncated_conversations, ref.stats.truncated_tokens) and n > 0
+    assert truncate_overlong(flat, 10_000)[0] is flat  # nothing to cut: the input itself
+    with pytest.raises(ValueError, match="max_tokens"):
+        truncate_overlong(flat, 0)

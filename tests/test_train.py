@@ -655,3 +655,32 @@ def test_packer_options_from_the_config_give_the_same_step(tmp_path, algorithm):
     assert padded.losses[0] == pytest.approx(plain.losses[0], rel=1e-6, abs=1e-7)
     _, expected = reference_step(cfg, padded.tokenizer)
     assert_params_close(padded, expected)
+
+
+def test_overlong_truncate_turns_trains_the_cut_conversations(tmp_path, capsys):
+    from refit_fast.packing import truncate_turns
+
+    data = write_data(tmp_path / "d.jsonl", n=12, answer_len=(2, 12))
+    full = train(base_config(tmp_path, data, output_dir=str(tmp_path / "full"), steps=None,
+                             **{"batch.max_tokens": 1024, "optim.lr": 0.0}))
+    convs, _ = load_tokenized(data, full.tokenizer, progress=False)
+    lengths = [len(c.input_ids) for c in convs]
+    budget = sorted(lengths)[len(lengths) // 2]  # about half the conversations are longer
+    expected, cut = 0, 0
+    for c in convs:  # by hand, one conversation at a time: drop the oldest exchanges until it fits
+        mask = np.asarray(c.loss_mask)
+        ranges = truncate_turns(mask, budget)
+        assert ranges is not None  # the final exchange always fits this budget
+        kept = np.concatenate([mask[a:b] for a, b in ranges])
+        expected += int(kept[1:].sum())
+        cut += len(kept) < len(mask)
+    assert 0 < cut < len(convs)
+    over = {"batch.max_tokens": budget, "optim.lr": 0.0, "log.quiet": False}
+    dropped = train(base_config(tmp_path, data, output_dir=str(tmp_path / "drop"), steps=None, **over))
+    assert sum(m["conversations"] for m in dropped.metrics) == len(convs) - cut
+    capsys.readouterr()
+    res = train(base_config(tmp_path, data, output_dir=str(tmp_path / "cut"), steps=None,
+                            **over, **{"data.overlong": "truncate_turns"}))
+    assert sum(m["conversations"] for m in res.metrics) == len(convs)
+    assert sum(m["trained_tokens"] for m in res.metrics) == expected
+    assert f"(0 over max_tokens dropped, {cut} truncated to fit" in capsys.readouterr().out

@@ -27,7 +27,7 @@ shares.
 """
 from refit_fast.packing.flat import FlatConversations, flatten
 from refit_fast.packing.options import check_max_tokens, check_overlong, check_pad_to, check_strategy
-from refit_fast.packing.pipeline import pack
+from refit_fast.packing.pipeline import pack, truncate_overlong
 from refit_fast.packing.plan import BinPlan, plan_bins
 from refit_fast.packing.rows import PackStats, Packed, materialize, row_buffers, to_torch
 from refit_fast.packing.turns import exchange_starts, truncate_turns
@@ -48,5 +48,6 @@ __all__ = [
     "plan_bins",
     "row_buffers",
     "to_torch",
+    "truncate_overlong",
     "truncate_turns",
 ]

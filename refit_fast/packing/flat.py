@@ -99,6 +99,20 @@ class FlatConversations:
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
 
+    def trained_tokens(self) -> np.ndarray:
+        """int64 ``[n]``: how many labels each conversation's rows get, i.e. its tokens with
+        ``loss_mask == 1`` except the first token (nothing precedes it, so it is never a target: the
+        packer's labels are ``input_ids[j+1]`` where ``loss_mask[j+1] == 1``). The one home of that rule.
+
+        >>> flatten([([5, 6, 7], [1, 1, 0]), ([8, 9], [0, 1])]).trained_tokens().tolist()
+        [1, 1]
+        """
+        if len(self) == 0:
+            return np.zeros(0, np.int64)
+        starts = self.offsets[:-1]
+        mask = self.loss_mask.astype(bool)
+        return np.add.reduceat(mask, starts, dtype=np.int64) - mask[starts]
+
     def conversation(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, loss_mask)`` of conversation ``i`` (views)."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])

@@ -23,19 +23,37 @@ from refit_fast.packing.plan import plan_bins
 from refit_fast.packing.rows import Packed, _stats
 from refit_fast.packing.turns import truncate_turns
 
-__all__ = ["pack"]
+__all__ = ["pack", "truncate_overlong"]
 
 
-def _truncate(flat: FlatConversations, convs, cap: int):
-    """Apply exchange truncation to every over-long conversation (rare: a Python loop over them only)."""
+def truncate_overlong(flat: FlatConversations, max_tokens: int, system_lens=None):
+    """``overlong="truncate_turns"`` on flat conversations: every conversation longer than
+    ``max_tokens`` loses its oldest whole exchanges until it fits (:func:`truncate_turns`; the final
+    exchange and, where ``system_lens[i]`` says how long conversation i's system turn is, the system
+    turn are kept). One that cannot fit stays whole (the planner then leaves it out). Returns
+    ``(flat, truncated_conversations, truncated_tokens)``; ``flat`` is the input itself when nothing
+    was cut, and conversation ``i`` is still conversation ``i``. A Python loop over the over-long
+    conversations only (they are rare).
+
+    >>> flat = flatten([([1, 2, 3, 4, 5, 6], [0, 1, 0, 1, 0, 1]), ([7, 8], [0, 1])])
+    >>> cut, n, tokens = truncate_overlong(flat, 4)
+    >>> cut.conversation(0)[0].tolist(), cut.lengths.tolist(), n, tokens
+    ([3, 4, 5, 6], [4, 2], 1, 2)
+    """
+    cap = check_max_tokens(max_tokens)
+    return _truncate(flat, (lambda i: int(system_lens[i])) if system_lens is not None else (lambda i: 0), cap)
+
+
+def _truncate(flat: FlatConversations, system_len_of, cap: int):
+    """Apply exchange truncation to every over-long conversation; ``system_len_of(i)`` is the length of
+    conversation i's system turn."""
     lengths = flat.lengths
     over = np.flatnonzero(lengths > cap)
     keep = None
     new_lengths = lengths.copy()
     n_trunc = tok_trunc = 0
     for i in over.tolist():
-        c = convs[i] if convs is not None else ()
-        system_len = int(c[2]) if len(c) > 2 else 0
+        system_len = system_len_of(i)
         a = int(flat.offsets[i])
         n_i = int(lengths[i])
         if not 0 <= system_len <= n_i:
@@ -121,7 +139,9 @@ def pack(
         if i >= 0:
             raise ValueError(f"conversation {i} has {lengths[i]} tokens, more than max_tokens={cap}")
     elif overlong == "truncate_turns":
-        flat, n_trunc, tok_trunc = _truncate(flat, convs, cap)
+        # the system turn's length, when a conversation gives one as its third element
+        system_len_of = (lambda i: int(convs[i][2]) if len(convs[i]) > 2 else 0) if convs is not None else (lambda i: 0)
+        flat, n_trunc, tok_trunc = _truncate(flat, system_len_of, cap)
         counts = {"truncated_conversations": n_trunc, "truncated_tokens": tok_trunc}
     lengths = flat.lengths
     plan = plan_bins(lengths, cap, strategy=strategy, seed=seed)

@@ -16,6 +16,7 @@ reference log-probs) and the step's :class:`StepStats`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -23,7 +24,8 @@ import numpy as np
 
 import torch
 
-from refit_fast.packing import BinPlan, FlatConversations, flatten, materialize, plan_bins, row_buffers, to_torch
+from refit_fast.packing import (BinPlan, FlatConversations, flatten, materialize, plan_bins, row_buffers, to_torch,
+                                truncate_overlong)
 
 __all__ = [
     "Batches",
@@ -49,7 +51,7 @@ class TrainData:
     """Conversations as the trainer uses them (index ``i`` everywhere is the conversation index).
 
     ``trained[i]`` is the number of trained tokens of conversation ``i`` *after* the packer's shift
-    (``loss_mask[1:].sum()``); the trainer keeps only conversations with ``trained > 0``.
+    (:meth:`FlatConversations.trained_tokens`); the trainer keeps only conversations with ``trained > 0``.
     ``groups[i]`` is the conversation's group (the context it was logged for): its ``group`` field
     when it has one, else its prompt key. Swift's group statistics, STaR-GATE and DPO use it.
     """
@@ -78,18 +80,35 @@ class TrainData:
             >>> len(d), d.trained.tolist(), d.groups
             (2, [2, 2], ['p:p', 'g:p'])
         """
-        keep = [c for c in convs if int(np.asarray(c.loss_mask)[1:].sum()) > 0]
-        flat = flatten([(np.asarray(c.input_ids), np.asarray(c.loss_mask)) for c in keep])
-        trained = np.array([int(np.asarray(c.loss_mask)[1:].sum()) for c in keep], np.int64)
-        return cls(
+        convs = [c for c in convs if len(c.input_ids) > 0]
+        flat = flatten([(np.asarray(c.input_ids), np.asarray(c.loss_mask)) for c in convs])
+        data = cls(
             flat=flat,
-            rewards=np.array([float(c.reward) for c in keep], np.float64),
-            trained=trained,
-            prompt_keys=[str(c.prompt_key) for c in keep],
-            ids=[str(c.id) for c in keep],
+            rewards=np.array([float(c.reward) for c in convs], np.float64),
+            trained=flat.trained_tokens(),
+            prompt_keys=[str(c.prompt_key) for c in convs],
+            ids=[str(c.id) for c in convs],
             # prefixed, so that a group field never collides with another conversation's prompt key
-            groups=[f"p:{c.prompt_key}" if getattr(c, "group", None) is None else f"g:{c.group}" for c in keep],
+            groups=[f"p:{c.prompt_key}" if getattr(c, "group", None) is None else f"g:{c.group}" for c in convs],
         )
+        return data if data.trained.all() else data.subset(np.flatnonzero(data.trained > 0))
+
+    def truncated(self, max_tokens: int) -> tuple["TrainData", int, int]:
+        """``data.overlong=truncate_turns``: the same conversations, each longer than ``max_tokens``
+        cut by whole exchanges until it fits (the packer's :func:`refit_fast.packing.truncate_overlong`;
+        one that cannot fit stays whole and is dropped by the planner), with their trained-token counts
+        recounted; also how many conversations and tokens were cut.
+
+        Example:
+            >>> from types import SimpleNamespace as C
+            >>> d = TrainData.from_tokenized([C(id="a", input_ids=np.arange(1, 7), loss_mask=np.array([0, 1, 0, 1, 0, 1]),
+            ...                                 reward=1.0, prompt_key="p")])
+            >>> cut, n, tokens = d.truncated(4)
+            >>> cut.flat.lengths.tolist(), cut.trained.tolist(), n, tokens
+            ([4], [2], 1, 2)
+        """
+        flat, n, tokens = truncate_overlong(self.flat, max_tokens)
+        return dataclasses.replace(self, flat=flat, trained=flat.trained_tokens()), n, tokens
 
     def content_keys(self) -> list[bytes]:
         """A digest of each conversation's tokens and mask (equal content, equal key)."""

@@ -1,6 +1,7 @@
 """The training loop, top to bottom: config, data, model, optimizer, distributed wrap, schedule, loop,
-checkpoint. Objectives live in objectives.py, the step plan in data.py, checkpoint files in
-checkpoint.py, logging in metrics.py.
+checkpoint. Each step's micro-batches come finished from data.py (``Batches``), the weights and
+losses from objectives.py, everything on disk from checkpoint.py (``Checkpointer``), logging from
+metrics.py.
 
     from refit_fast.train import train
     result = train("examples/tiny_llama_refit.yaml", ["optim.lr=3e-4"])
@@ -106,7 +107,11 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
 
     # ---- data and tokenizer ----
     convs, tokenizer, report = _load_data(cfg)
-    data, pairs = _select(cfg, TrainData.from_tokenized(convs))
+    data, truncated = TrainData.from_tokenized(convs), ""
+    if cfg.data.overlong == "truncate_turns":
+        data, n_cut, tokens_cut = data.truncated(cfg.batch.max_tokens)
+        truncated = f", {n_cut} truncated to fit ({tokens_cut} tokens cut)" if n_cut else ""
+    data, pairs = _select(cfg, data)
     # what each conversation's log-likelihood is weighted by (None: unweighted objectives)
     groups = group_index(data.groups) if cfg.objective.swift_stats == "group" else None
     weighting = conversation_weights(cfg.algorithm, data.rewards, swift_stats=cfg.objective.swift_stats,
@@ -124,7 +129,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     unit = "pairs" if pairs is not None else "conversations"
     n_units = len(schedule.unit_lengths)
     summary = (f"{cfg.algorithm}: {n_units - schedule.dropped_units} {unit} "
-               f"({schedule.dropped_units} over max_tokens dropped), {schedule.total_steps} steps of "
+               f"({schedule.dropped_units} over max_tokens dropped{truncated}), {schedule.total_steps} steps of "
                f"{env.world_size}x{cfg.batch.grad_accum} rows x {cfg.batch.max_tokens} tokens" + weights_summary)
 
     # ---- model ----
