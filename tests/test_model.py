@@ -370,6 +370,61 @@ def test_unpacked_call_falls_back_to_plain_causal_attention():
     assert out.shape == (1, 13)
 
 
+def _fake_half_varlen(monkeypatch):
+    """CPU stand-in for CUDA's choice: 'auto' sees a varlen kernel for fp16/bf16 only (as on a GPU), and
+    the kernel actually run is recorded (the fake computes with the real SDPA path)."""
+    calls = {"torch_varlen": [], "sdpa": []}
+    real_sdpa = attn_mod._sdpa
+
+    def available(device="cpu", dtype=torch.float32):
+        return (["torch_varlen"] if dtype in (torch.float16, torch.bfloat16) else []) + ["sdpa"]
+
+    def fake_varlen(q, k, v, meta, scaling, dropout, sliding_window):
+        calls["torch_varlen"].append((q.dtype, k.dtype, v.dtype))
+        return real_sdpa(q, k, v, meta, scaling, dropout, sliding_window)
+
+    def sdpa(q, k, v, *args):
+        calls["sdpa"].append((q.dtype, k.dtype, v.dtype))
+        return real_sdpa(q, k, v, *args)
+
+    monkeypatch.setattr(attn_mod, "available_backends", available)
+    monkeypatch.setattr(attn_mod, "_torch_varlen", fake_varlen)
+    monkeypatch.setattr(attn_mod, "_sdpa", sdpa)
+    return calls
+
+
+def test_autocast_picks_the_kernel_for_the_autocast_dtype(monkeypatch):
+    """#14: under bf16 autocast HF's RoPE hands attention fp32 q/k beside a bf16 v; choosing from q's fp32
+    picked SDPA with its O(T^2) mask on the GPU. q/k/v are now cast to the autocast dtype first."""
+    calls = _fake_half_varlen(monkeypatch)
+    seen = []
+    real_cast = attn_mod.autocast_inputs
+    monkeypatch.setattr(attn_mod, "autocast_inputs", lambda *t: seen.append([x.dtype for x in t]) or real_cast(*t))
+    model = build_model_from_config(tiny_config("llama", num_hidden_layers=2), attn_backend="auto")  # fp32
+    _, ids, pos, cu, max_len = make_row()
+    h32 = packed_hidden_states(model, ids, pos, cu, max_len)
+    assert calls == {"torch_varlen": [], "sdpa": [(torch.float32,) * 3] * 2}  # fp32 without autocast: SDPA
+    calls["sdpa"].clear()
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = packed_hidden_states(model, ids, pos, cu, max_len)
+    assert torch.float32 in seen[0] and torch.bfloat16 in seen[0]  # what HF hands over: mixed dtypes
+    assert calls == {"torch_varlen": [(torch.bfloat16,) * 3] * 2, "sdpa": []}
+    torch.testing.assert_close(h.float(), h32, atol=0.1, rtol=0.05)
+
+
+def test_autocast_inputs_follow_autocast_only():
+    q, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
+    d = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    assert all(a is b for a, b in zip(attn_mod.autocast_inputs(q, v, d), (q, v, d)))  # autocast off: untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [t.dtype for t in attn_mod.autocast_inputs(q, v, d)] == [torch.bfloat16, torch.bfloat16, torch.float64]
+        assert attn_mod.autocast_dtype("cuda") is None  # autocast is per device type
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert attn_mod.autocast_inputs(q)[0] is q
+    assert attn_mod.autocast_dtype("meta") is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # CUDA only: the varlen kernels against the SDPA block-diagonal path, bf16.
 # ---------------------------------------------------------------------------------------------------
@@ -417,3 +472,23 @@ def test_cuda_auto_fp32_uses_sdpa_and_matches_separate_runs():
         lp = logprobs(packed_hidden_states(model, ids, pos, cu, max_len), model)
     for i in range(len(convs)):
         torch.testing.assert_close(lp[int(cu[i]): int(cu[i + 1])], ref[i], atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_autocast_fp32_model_runs_a_varlen_kernel(monkeypatch):
+    """The trainer's case: fp32 weights under bf16 autocast must reach flash / torch_varlen, not the mask."""
+    if available_backends("cuda", torch.bfloat16)[0] == "sdpa":
+        pytest.skip("no varlen kernel on this GPU install")
+    chosen = []
+    real = attn_mod.resolve_backend
+    monkeypatch.setattr(attn_mod, "resolve_backend", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    convs, ids, pos, cu, max_len = make_row(device="cuda")
+    cfg = tiny_config("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    model = build_model_from_config(cfg, device="cuda", attn_backend="auto")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h = packed_hidden_states(model, ids, pos, cu, max_len)
+        ref = packed_hidden_states(model, ids, pos, cu, max_len, backend="sdpa")
+    assert chosen[0] in ("flash", "torch_varlen"), chosen
+    n_real = int(cu[len(convs)])
+    torch.testing.assert_close(h[:n_real].float(), ref[:n_real].float(), atol=5e-2, rtol=5e-2)

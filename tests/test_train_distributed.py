@@ -128,3 +128,52 @@ def test_torchrun_cli_entry_point(tmp_path):
     lines = [json.loads(x) for x in open(f"{tmp}/tr/metrics.jsonl")]
     assert [x["loss"] for x in lines] == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
     _assert_same_model(f"{tmp}/tr/final", one.final_model_path)
+
+
+def _fake_cuda_ranks(monkeypatch, world, local_rank, devices=2):
+    """CUDA and NCCL faked on CPU: records the device each call picks instead of touching a GPU."""
+    import torch.distributed as dist
+
+    from refit_fast.train import distributed as rd
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("set_device", torch.device(d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.setdefault("init", kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: local_rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    return rd, seen
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda", "auto"])
+def test_torchrun_rank_takes_its_local_gpu_even_with_an_explicit_index(monkeypatch, device):
+    """#14: device='cuda:0' under torchrun put every rank on GPU 0; each rank now uses cuda:LOCAL_RANK."""
+    import warnings
+
+    rd, seen = _fake_cuda_ranks(monkeypatch, world=2, local_rank=1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        env = rd.setup_distributed(device)
+    assert env.device == torch.device("cuda:1") and seen["set_device"] == torch.device("cuda:1")
+    assert seen["init"]["backend"] == "nccl" and seen["init"]["device_id"] == torch.device("cuda:1")
+    assert (env.rank, env.world_size, env.local_rank) == (1, 2, 1)
+    warned = any("LOCAL_RANK=1 uses cuda:1" in str(x.message) for x in w)
+    assert warned == (device == "cuda:0")  # only an index that is not the rank's own is worth a warning
+
+
+def test_single_process_keeps_an_explicit_gpu_index(monkeypatch):
+    rd, seen = _fake_cuda_ranks(monkeypatch, world=1, local_rank=0)
+    env = rd.setup_distributed("cuda:1")
+    assert env.device == torch.device("cuda:1") and env.backend is None and "init" not in seen
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    rd, _ = _fake_cuda_ranks(monkeypatch, world=4, local_rank=3, devices=2)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=3 but only 2 CUDA device"):
+        rd.setup_distributed("cuda")

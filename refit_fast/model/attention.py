@@ -21,6 +21,10 @@ Backends, chosen per forward by ``backend="auto"`` in this order:
    use 1. or 2.). It is built once per forward and shared by all layers (and by the recomputation under
    gradient checkpointing), never once per layer.
 
+Under ``torch.autocast`` the kernel is chosen for the autocast dtype: q/k/v are cast to it first
+(:func:`autocast_inputs`; HF's rotary embedding hands over fp32 q/k beside a bf16 v), so an fp32 model
+trained under bf16 autocast on CUDA runs 1. or 2., not the O(T^2)-mask SDPA path.
+
 ``flex_attention`` is not used: on CPU it has no backward (see ENV-NOTES), and on GPU the varlen
 kernels above are faster and need no mask.
 
@@ -45,6 +49,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "PackedAttentionMeta",
+    "autocast_dtype",
+    "autocast_inputs",
     "available_backends",
     "block_causal_mask",
     "check_backend_name",
@@ -312,7 +318,8 @@ class PackedAttentionMeta:
             ...     "cpu", torch.float32)
             'sdpa'
         """
-        # Keyed on the query's dtype, not the model's: autocast may change it between layers' inputs.
+        # Keyed on the query's dtype, not the model's: the forward casts q/k/v to the autocast dtype first
+        # (autocast_inputs), so an fp32 model under bf16 autocast gets the bf16 varlen kernels.
         key = (str(device), dtype)
         if key not in self._kernels:
             self._kernels[key] = resolve_backend(self.backend, device, dtype)
@@ -391,6 +398,45 @@ def _torch_varlen(query, key, value, meta, scaling, dropout, sliding_window):
 # ----------------------------------------------------------------------------------------------------
 # The AttentionInterface entry point
 # ----------------------------------------------------------------------------------------------------
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matrix work in on ``device_type`` right now, or None when it is off there.
+
+    Example:
+        >>> autocast_dtype("cpu") is None
+        True
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_dtype("cpu")
+        torch.bfloat16
+    """
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know (e.g. "meta")
+        return None
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` cast to the active autocast dtype of their device (as autocast casts SDPA's inputs);
+    unchanged when autocast is off. float64 stays float64, as under autocast.
+
+    Example:
+        >>> q, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     [t.dtype for t in autocast_inputs(q, v)]
+        [torch.bfloat16, torch.bfloat16]
+        >>> autocast_inputs(q)[0] is q
+        True
+    """
+    target = autocast_dtype(tensors[0].device.type)
+    if target is None:
+        return tensors
+    return tuple(t.to(target) if t.dtype in _AUTOCAST_CASTS and t.dtype != target else t for t in tensors)
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -436,6 +482,10 @@ def varlen_attention_forward(
                                          device=query.device)
     if meta.batch != b or meta.seqlen != t:
         raise ValueError(f"packing metadata is for [{meta.batch}, {meta.seqlen}] but attention got [{b}, {t}]")
+    # Under autocast HF's rotary embedding multiplies bf16 q/k by fp32 cos/sin, so q/k arrive in fp32 while
+    # v is bf16: choosing the kernel from that fp32 would pick SDPA with its O(T^2) mask (and the varlen
+    # kernels need one dtype anyway). Autocast would cast them for SDPA itself; cast first, then choose.
+    query, key, value = autocast_inputs(query, key, value)
     # A forced backend may meet a device/dtype it cannot run (e.g. the model moved): this says why.
     backend = meta.kernel(query.device, query.dtype)
     if softcap is not None and backend != "flash":

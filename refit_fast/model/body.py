@@ -222,8 +222,9 @@ def packed_hidden_states(
     body = base_model(model)
     device = input_ids.device
     batch, seqlen = input_ids.shape
-    # "auto" stays unresolved here: the first layer resolves it from the query's dtype (which autocast
-    # may change) and the meta object, shared by all layers, caches that choice and the SDPA mask.
+    # "auto" stays unresolved here: the first layer resolves it from the query's dtype after casting q/k/v
+    # to the autocast dtype (HF's RoPE returns fp32 q/k under bf16 autocast; see attention.autocast_inputs),
+    # and the meta object, shared by all layers, caches that choice and the SDPA mask.
     meta = PackedAttentionMeta.build(
         cu_seqlens, max_seqlen, batch=batch, seqlen=seqlen, backend=backend, device=device, validate=validate
     )

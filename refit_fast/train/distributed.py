@@ -1,8 +1,9 @@
 """torchrun environment, process group, and the DDP / FSDP2 wrappers.
 
 Under ``torchrun --nproc_per_node=K`` the env vars RANK, WORLD_SIZE and LOCAL_RANK are set; the
-process group uses NCCL on CUDA and gloo on CPU. Without them everything runs in one process and no
-wrapper is used. Collectives time out after ``REFIT_FAST_DIST_TIMEOUT`` seconds (default 300), so a
+process group uses NCCL on CUDA and gloo on CPU, and each rank takes GPU ``cuda:LOCAL_RANK`` (an explicit
+``device="cuda:0"`` is honoured in one process only: under torchrun it would put every rank on GPU 0).
+Without them everything runs in one process and no wrapper is used. Collectives time out after ``REFIT_FAST_DIST_TIMEOUT`` seconds (default 300), so a
 stopped rank ends the others with a message instead of hanging them forever.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,27 @@ def _bounded(what: str):
             f"({text.splitlines()[0] if text else type(e).__name__})") from e
 
 
+def _cuda_device(device: str, world: int, local_rank: int) -> torch.device:
+    """The GPU of this process: ``device``'s index in one process; ``cuda:LOCAL_RANK`` under torchrun.
+
+    Under torchrun every rank reads the same config, so an explicit ``"cuda:0"`` there would put all
+    ranks on GPU 0 (the first NCCL collective then fails or hangs): each rank takes its LOCAL_RANK's
+    GPU instead, and a different index is ignored with a warning.
+    """
+    explicit = torch.device(device).index if ":" in device else None
+    if world <= 1:
+        return torch.device(f"cuda:{explicit if explicit is not None else local_rank}")
+    if explicit is not None and explicit != local_rank:
+        warnings.warn(
+            f"device={device!r} under torchrun (WORLD_SIZE={world}): rank with LOCAL_RANK={local_rank} uses "
+            f"cuda:{local_rank}, one GPU per rank; give device='cuda' or 'auto' to silence this", stacklevel=3)
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: "
+                           "start at most one process per GPU (torchrun --nproc_per_node)")
+    return torch.device(f"cuda:{local_rank}")
+
+
 def setup_distributed(device: str = "auto") -> DistEnv:
     """Read torchrun's environment and initialise the process group once (later calls reuse it).
 
@@ -90,7 +113,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but CUDA is not available")
     if use_cuda:
-        dev = torch.device(device if ":" in device else f"cuda:{local_rank}")
+        dev = _cuda_device(device, world, local_rank)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
