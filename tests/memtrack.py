@@ -2,7 +2,8 @@
 
 A TorchDispatchMode sees every tensor an op returns; each new storage adds its bytes to the live
 total, and a finalizer on the storage takes them off when it is freed. Tensors that existed before
-the `with` block (the inputs) are not counted, so `peak` is the extra memory of the code inside.
+the `with` block (the inputs), and views of them, are not counted, so `peak` is the extra memory of
+the code inside. For peak RSS of a whole computation in a fresh process see :func:`peak_rss`.
 """
 from __future__ import annotations
 
@@ -28,11 +29,15 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view of an argument shares its storage: not new memory (also when the argument is an
+        # input from before the block, which was never counted)
+        aliased = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                   if isinstance(a, torch.Tensor) and a.device.type != "meta"}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
                 key = st.data_ptr()
-                if key in self._seen or st.nbytes() == 0:
+                if key in self._seen or key in aliased or st.nbytes() == 0:
                     continue
                 self._seen.add(key)
                 self.live += st.nbytes()

@@ -323,7 +323,7 @@ def test_batch_spelling_and_given_stats_std_zero(impl):
 def test_weight_kernel_with_small_blocks(mode, monkeypatch):
     """BLOCK_N=16 tokens and BLOCK_B=8 rewards for 61 tokens of B=21 conversations: every program loops
     over three reward blocks with a ragged tail, the last token block is ragged too."""
-    wce = importlib.import_module("refit_fast.ops.weighted_ce")
+    wce = importlib.import_module("refit_fast.ops.kernels")
     monkeypatch.setattr(wce, "_weight_blocks", lambda n, B, grouped: (16, 8))
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
@@ -341,7 +341,7 @@ def test_weight_kernel_with_small_blocks(mode, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled Triton kernel)")
 def test_group_on_cuda_matches_reference():
-    """The compiled kernel (64x64 tiles, several reward blocks): float32 and float64 rewards, ties."""
+    """The compiled kernel (32x32 tiles, several reward blocks): float32 and float64 rewards, ties."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     groups = random_groups(g, [3] * 40 + [1, 5, 2, 7], n_ids=200)

@@ -34,9 +34,13 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from refit_fast.ops.kernels import ce_rows_triton
+from refit_fast.ops.weighted_ce_torch import ce_rows_torch
 
 STAGE_ROWS = 2048  # rows a staging block reaches when the budget allows: K of the dh / dW GEMMs
 STAGE_SUBS = 16  # at most this many sub-chunks per staging block (a tiny budget: several blocks)
@@ -163,7 +167,7 @@ def plan_chunks(n_rows: int, hidden: int, vocab: int, *, dtype: torch.dtype, bud
     dw_fp32 = (not lowp) or gemm == acc or fp32_weight_grad is None or bool(fp32_weight_grad)
     logits_bytes = sub * vocab * _size(acc) if gemm != acc else 0
     stage_bytes = stage * vocab * g_size
-    rows_bytes = stage * hidden * (h_size + g_size) + (stage * hidden * g_size if gemm != dtype else 0)
+    rows_bytes = stage * hidden * (h_size + g_size) + (stage * hidden * (g_size + h_size) if gemm != dtype else 0)
     dw_bytes = vocab * hidden * _size(acc) if (lowp and dw_fp32) else 0
     weight_bytes = vocab * hidden * g_size if gemm != dtype else 0
     vector_bytes = 2 * vocab * _size(acc)
@@ -172,3 +176,138 @@ def plan_chunks(n_rows: int, hidden: int, vocab: int, *, dtype: torch.dtype, bud
                      sub_rows=sub, stage_rows=stage, n_stages=n_stages, n_subs=n_subs, dw_fp32=dw_fp32,
                      logits_bytes=logits_bytes, stage_bytes=stage_bytes, rows_bytes=rows_bytes, dw_bytes=dw_bytes,
                      weight_bytes=weight_bytes, vector_bytes=vector_bytes, extra_bytes=extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMMs with fp32 output from bf16/fp16 operands
+# ----------------------------------------------------------------------------------------------
+_MM_OUT_DTYPE_OK: dict = {}  # what the installed torch supports, per (op, device type)
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def mm_out_fp32_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has `mm(..., out_dtype=float32)` for `dtype` operands on `device` (CUDA,
+    torch >= 2.8); probed once per device type with a 1x1 product, never inside the chunk loop."""
+    key = ("mm", device.type, dtype)
+    if key not in _MM_OUT_DTYPE_OK:
+        one = torch.ones((1, 1), dtype=dtype, device=device)
+        try:
+            ok = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _MM_OUT_DTYPE_OK[key] = ok
+    return _MM_OUT_DTYPE_OK[key]
+
+
+def _mm_fp32_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b, fp32 `out` from bf16/fp16 operands (fp32 accumulation, one rounding)."""
+    key = ("mm_out", a.device.type)
+    if _MM_OUT_DTYPE_OK.get(key, True):
+        try:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+            _MM_OUT_DTYPE_OK[key] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[key] = False
+            _warn_once(key[0], "weighted_ce: this torch has mm(out_dtype=float32) but not into a given buffer; "
+                               "each sub-chunk's logits are copied once (a second fp32 logits buffer)")
+    out.copy_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 accumulator and bf16/fp16 operands: one in-place GEMM with beta=1
+    where torch has ``addmm(..., out_dtype=float32)``; elsewhere (warned once) a product in the
+    operands' dtype added on, which makes a [V, D] temporary and rounds each block's product."""
+    key = ("addmm", a.device.type)
+    if _MM_OUT_DTYPE_OK.get(key, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _MM_OUT_DTYPE_OK[key] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[key] = False
+            _warn_once(key[0], "weighted_ce: this torch has no addmm(out_dtype=float32, out=...): the fp32 weight "
+                               "gradient adds a low-precision product per staging block (a [V, D] temporary)")
+    acc.add_(a @ b)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked driver (shared by both implementations)
+# ----------------------------------------------------------------------------------------------
+def fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts: CEOptions):
+    """Loss (and gradients) over the trained rows `idx_v` of h [N, D], by :func:`plan_chunks`.
+
+    Returns (loss_v [Nv]: w * nll per trained token, fp32 or fp64; dh [N, D], dW [V, D], db [V] in
+    the inputs' dtypes, or None). `need` = (hidden, weight, bias) gradient flags; `coef` is a 0-dim
+    tensor (the same factor for every row) or [Nv] (per-row upstream gradient). The GEMMs run
+    outside autocast with explicit dtypes: fp32 logits whatever the autocast state.
+    """
+    ce_rows = ce_rows_triton if impl == "triton" else ce_rows_torch
+    N, D = h.shape
+    V = W.shape[0]
+    Nv = idx_v.numel()
+    dev = h.device
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    lowp = h.dtype != acc
+    compute_grad = any(need)
+    with torch.autocast(dev.type, enabled=False):
+        # bf16/fp16: on CUDA the BLAS writes fp32 logits from the bf16 operands; elsewhere (CPU, an
+        # old torch) the weight is upcast once and every GEMM runs in fp32
+        gemm = h.dtype if (lowp and mm_out_fp32_supported(dev, h.dtype)) else acc
+        plan = plan_chunks(Nv, D, V, dtype=h.dtype, budget_bytes=opts.chunk_bytes,
+                           fp32_weight_grad=opts.fp32_weight_grad, gemm_dtype=gemm)
+        W_g = W if W.dtype == gemm else W.to(gemm)
+        b_acc = b.to(acc) if b is not None else None
+        w_acc = w_v.to(acc)
+        coef = coef.to(acc)
+        loss_v = torch.empty(Nv, dtype=acc, device=dev)
+        dh = torch.zeros_like(h) if need[0] else None
+        dW = torch.zeros((V, D), dtype=acc if plan.dw_fp32 else W.dtype, device=dev) if need[1] else None
+        db = torch.zeros(V, dtype=acc, device=dev) if need[2] else None
+        # the buffers of the plan: the staging block, and the fp32 logits unless they live in it
+        stage = torch.empty((plan.stage_rows, V), dtype=gemm, device=dev) if (compute_grad and Nv) else None
+        in_place = stage is not None and gemm == acc
+        zbuf = None if (in_place or not Nv) else torch.empty((plan.sub_rows, V), dtype=acc, device=dev)
+        for s0 in range(0, Nv, plan.stage_rows):
+            sn = min(plan.stage_rows, Nv - s0)
+            rows = idx_v[s0:s0 + sn]
+            hs = h.index_select(0, rows)
+            hs_g = hs if hs.dtype == gemm else hs.to(gemm)
+            for c0 in range(0, sn, plan.sub_rows):
+                cn = min(plan.sub_rows, sn - c0)
+                zb, z0 = (stage, c0) if in_place else (zbuf, 0)
+                z = zb[z0:z0 + cn]
+                if gemm == acc:
+                    torch.mm(hs_g[c0:c0 + cn], W_g.T, out=z)
+                else:
+                    _mm_fp32_into(hs_g[c0:c0 + cn], W_g.T, z)
+                if b_acc is not None:
+                    z += b_acc
+                ce_rows(zb, z0, stage, c0, cn, labels_v, w_acc, coef, loss_v, s0 + c0)
+            if compute_grad:
+                G = stage[:sn]
+                if dh is not None:
+                    dh_s = G @ W_g
+                    dh.index_copy_(0, rows, dh_s if dh_s.dtype == h.dtype else dh_s.to(h.dtype))
+                    del dh_s
+                if dW is not None:
+                    if dW.dtype == gemm:
+                        dW.addmm_(G.T, hs_g)
+                    else:  # the fp32 accumulator of a bf16/fp16 weight
+                        _addmm_fp32_(dW, G.T, hs_g)
+                if db is not None:
+                    db += G.sum(0, dtype=acc)
+                del G
+            del hs, hs_g
+        del stage, zbuf
+        if dW is not None and dW.dtype != W.dtype:
+            dW = dW.to(W.dtype)
+        if db is not None and db.dtype != b.dtype:
+            db = db.to(b.dtype)
+    return loss_v, dh, dW, db

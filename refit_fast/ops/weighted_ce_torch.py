@@ -1,9 +1,9 @@
 """The plain-PyTorch pieces of weighted_ce: the CPU fallback and the readable statement of what the
 Triton kernels in weighted_ce.py compute.
 
-The chunk loop itself (one [chunk, V] logits buffer at a time, matmuls by the BLAS) is shared with
-the Triton path and lives in weighted_ce.py; the two paths differ only in the per-token weights and
-the per-row loss below. :func:`standardize_rewards` is the one statement of Swift's reward
+The chunk loop itself (the plan of chunking.py, matmuls by the BLAS) is shared with the Triton path
+and lives in chunking.py; the two paths differ only in the per-token weights and the per-row loss
+below (the kernels of kernels.py). :func:`standardize_rewards` is the one statement of Swift's reward
 standardization, shared by weighted_ce's torch path and by callers that standardize a whole
 dataset's rewards once (the trainer).
 """
@@ -175,26 +175,34 @@ def token_weights_torch(rewards, seq_ids_valid, *, standardize, eps, reward_stat
     return r[seq_ids_valid]
 
 
-def ce_rows_torch(logits, labels, w, coef, compute_grad, grad_dtype):
-    """Loss and logits-gradient of one chunk of rows.
+def ce_rows_torch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0):
+    """Loss and logits-gradient of one sub-chunk of c rows (the statement of `_ce_rows_kernel`).
 
-    logits: [c, V] fp32/fp64 (overwritten when compute_grad), labels: [c] in [0, V), w: [c] reward
-    weights, coef: scalar tensor or [c] (the upstream/normalization factor of the gradient).
-    Returns (w * nll [c], grad [c, V] in grad_dtype or None) with
-    grad = w * coef * (softmax(logits) - onehot(labels)).
+    Rows z0..z0+c of the logits `zbuf` [*, V] (fp32/fp64, overwritten) are tokens t0..t0+c of
+    labels_v [Nv] (in [0, V)), w_v [Nv] (reward weights) and loss_v [Nv] (written: w * nll); coef is
+    a 0-dim tensor or [Nv] (the upstream/normalization factor, per row). Unless grad is None, rows
+    g0..g0+c of `grad` [*, V] (the staging block; may be zbuf itself) get
+    w * coef * (softmax - onehot(label)) in grad's dtype. No [c, V] temporary.
 
-        >>> z = torch.tensor([[0.0, 0.0]])
-        >>> ce_rows_torch(z, torch.tensor([1]), torch.ones(1), torch.tensor(1.0), True, torch.float32)
+        >>> z, loss = torch.tensor([[0.0, 0.0]]), torch.empty(1)
+        >>> ce_rows_torch(z, 0, z, 0, 1, torch.tensor([1]), torch.ones(1), torch.tensor(1.0), loss, 0)
+        >>> loss, z
         (tensor([0.6931]), tensor([[ 0.5000, -0.5000]]))
     """
-    lse = torch.logsumexp(logits, dim=1)
-    target = logits.gather(1, labels[:, None]).squeeze(1)
-    loss = w * (lse - target)
-    if not compute_grad:
-        return loss, None
-    scale = (w * coef).to(logits.dtype)
-    # softmax * scale in place: the chunk's logits buffer becomes its gradient buffer
-    logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
-    logits.scatter_add_(1, labels[:, None], -scale[:, None])
-    grad = logits if grad_dtype == logits.dtype else logits.to(grad_dtype)
-    return loss, grad
+    z = zbuf[z0:z0 + c]
+    y = labels_v[t0:t0 + c, None]
+    w = w_v[t0:t0 + c]
+    target = z.gather(1, y).squeeze(1)
+    m = z.amax(1)
+    z.sub_(m[:, None]).exp_()  # exp(z - m) in place: the logits are not needed after this
+    s = z.sum(1)
+    loss_v[t0:t0 + c] = w * (m + s.log() - target)
+    if grad is None:
+        return
+    scale = w * (coef[t0:t0 + c] if coef.dim() == 1 else coef)
+    g = grad[g0:g0 + c]
+    if g.data_ptr() == z.data_ptr() and g.dtype == z.dtype:
+        g.mul_((scale / s).to(g.dtype)[:, None])
+    else:
+        torch.mul(z, (scale / s)[:, None], out=g)
+    g.scatter_add_(1, y, -scale.to(g.dtype)[:, None])
