@@ -413,3 +413,31 @@ def test_device_scripts_parse(script):
     assert path.exists(), script
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_session_script_gives_each_step_its_own_limit_and_streams_step_lines(tmp_path):
+    """gpu_session.sh with a stub python3: a step that hangs is ended at its own limit (its process group
+    too), the steps after it still run with their caps, and every step leaves a valid JSON line."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    stub = bindir / "python3"
+    stub.write_text('#!/usr/bin/env bash\ncase "$*" in *find_spec*) sleep 60;; esac\necho "stub: $*"\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    caps = "install:5 build:5 tests:5 loss_8192:5 loss_32768:5 trainer:5 summary:1"
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", OUT=str(out), BUDGET_S="31",
+               SESSION_CAPS=caps)
+    t = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert took < 25, f"{took:.0f} s: the hung step was not ended at its limit"
+    steps = [r for r in _lines(out / "results.jsonl") if r.get("event") == "step"]
+    assert [(r["step"], r["status"]) for r in steps] == [
+        ("install", "timeout"), ("build", "ok"), ("tests", "ok"), ("loss_8192", "ok"), ("loss_32768", "ok"),
+        ("trainer", "ok")]
+    assert steps[0]["timeout_s"] <= 5 and all(r["timeout_s"] >= 5 for r in steps[1:])
+    log = (out / "session.log").read_text()
+    assert "--parts tests --pytest-args -m gpu tests" in log and "--parts loss --loss-n 32768" in log
+    assert "stub: benchmarks/run_gpu_suite.py --summary" in proc.stdout
