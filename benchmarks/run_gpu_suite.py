@@ -572,7 +572,8 @@ def part_loss(args, deadline: Deadline | None = None) -> dict:
         flops = 6 * n * d * v
         broken = None
         for name, package, factory in chosen:
-            row = dict(part="loss", method=name, N=n, D=d, V=v, dtype=args.loss_dtype)
+            row = dict(part="loss", method=name, N=n, D=d, V=v, dtype=args.loss_dtype, warmup=args.warmup,
+                       iters=args.iters)
             if broken:
                 row.update(status="error", error=f"not run: the CUDA context broke earlier ({broken})")
             elif deadline.passed():
@@ -951,7 +952,9 @@ def to_markdown(result: dict) -> str:
     if "loss" in result:
         loss = result["loss"]
         rate = loss.get("matmul_tflops")
-        args = result.get("args", {})
+        args = dict(result.get("args", {}))
+        if loss["rows"] and "iters" in loss["rows"][0]:  # the loss process's own settings
+            args.update(iters=loss["rows"][0]["iters"], warmup=loss["rows"][0].get("warmup"))
         lines += ["## Loss kernel (forward + backward)", "",
                   f"Forward+backward, median of {args.get('iters', '?')} after {args.get('warmup', '?')} warm-up, "
                   f"rotating input sets; bf16 matmul rate measured in the same run: "
