@@ -29,7 +29,7 @@ SUITE="python3 benchmarks/run_gpu_suite.py --jsonl $JSONL"
 
 # step NAME 'COMMAND': runs COMMAND (bash -c) under its own time limit: what is left of BUDGET_S minus the
 #   caps of the steps after it. So every step gets at least its cap, and time a step leaves unused goes to
-#   the next. The caps add up to BUDGET_S. The suite stops starting new work REFIT_TIME_LIMIT seconds in
+#   the next. The caps add up to BUDGET_S less ~5 s for the header (nvidia-smi, versions). The suite stops starting new work REFIT_TIME_LIMIT seconds in
 #   (15 s before the hard limit), so a step usually ends with clean lines rather than a kill.
 #   Expected on an H200 (bare machine): install ~10 s, build ~15 s, tests ~90 s (Triton compiles), loss
 #   ~40 s at N=8192 and ~70 s at 32768 (torch.compile last: the first to be cut), trainer ~60 s.
