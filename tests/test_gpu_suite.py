@@ -387,6 +387,8 @@ def test_tests_part_streams_one_line_per_test_and_runs_the_memory_test_first(cpu
         ("test_memory", "passed"), ("test_gpu_ok", "passed"), ("test_gpu_bad", "failed"),
         ("test_gpu_skip", "skipped"), ("test_unmarked_but_needs_cuda", "passed")]
     assert "assert 1 == 2" in tests[2]["error"] and "no CUDA here" in tests[3]["reason"]
+    table = suite.summary_table(_lines(tmp_path / "results.jsonl"))
+    assert "FAILED" in table and "test_gpu_bad" in table and "not validated" in table
 
 
 def test_summary_folds_the_session_lines_into_json_md_and_png(cpu_suite, tmp_path, capsys):
