@@ -266,33 +266,41 @@ def test_no_gradient_to_rewards_and_no_grad_mode():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_logits_are_fp32(impl, dtype):
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, "autocast"])
+def test_autocast_logits_are_fp32(impl, dtype, hidden_dtype):
     """Under CPU autocast the inputs are rounded to the autocast dtype (like F.linear) but the GEMMs
     run outside autocast with fp32 results: the loss matches the float64 loss of the rounded inputs
-    to fp32 accuracy (bf16 logits would be off by ~1e-2), the gradients to low precision."""
+    to fp32 accuracy (bf16 logits would be off by ~1e-2). The rounding happens inside, so the fp32
+    master weight (and an fp32 hidden) get fp32 gradients, here (fp32 GEMMs on the CPU) to fp32
+    accuracy too; a hidden already in the autocast dtype gets its gradient in that dtype."""
     seed = fresh_seed()
-    case = make_case(seed, N=45, D=24, V=301, B=3)
-    h = case["hidden"].float().requires_grad_()
+    case = make_case(seed, N=45, D=24, V=301, B=3, bias=True)
+    hd = dtype if hidden_dtype == "autocast" else hidden_dtype
+    h = case["hidden"].to(hd).requires_grad_()
     W = case["weight"].float().requires_grad_()  # fp32 master weight
+    b = case["bias"].float().requires_grad_()
+    args = (case["labels"], case["seq_ids"], case["rewards"].float())
     with torch.autocast("cpu", dtype=dtype), chunk_budget(3 * 301 * 4):
-        loss = weighted_ce(h, W, case["labels"], case["seq_ids"], case["rewards"].float(), standardize=True, impl=impl)
-        per_token = weighted_ce(h, W, case["labels"], case["seq_ids"], case["rewards"].float(), standardize=True,
-                                reduction="none", impl=impl)
+        loss = weighted_ce(h, W, *args, bias=b, standardize=True, impl=impl)
+        per_token = weighted_ce(h, W, *args, bias=b, standardize=True, reduction="none", impl=impl)
     assert loss.dtype == per_token.dtype == torch.float32
+    up = case["upstream"].float()
+    g_tok = torch.autograd.grad(per_token, (h, W, b), up)
     loss.backward()
-    assert h.grad.dtype == W.grad.dtype == torch.float32
-    h64 = case["hidden"].to(dtype).double().requires_grad_()
-    W64 = case["weight"].to(dtype).double().requires_grad_()
-    kw = dict(standardize=True)
-    truth = weighted_ce_reference(h64, W64, case["labels"], case["seq_ids"], case["rewards"], **kw)
-    truth_tok = weighted_ce_reference(h64.detach(), W64.detach(), case["labels"], case["seq_ids"], case["rewards"],
-                                      reduction="none", **kw)
-    scale = loss_scale(case)
-    assert_close(loss, truth, 1e-5, "loss", seed, scale=scale)
+    assert h.grad.dtype == hd and W.grad.dtype == b.grad.dtype == torch.float32
+    leaves = [t.to(dtype).double().requires_grad_() for t in (case["hidden"], case["weight"], case["bias"])]
+    truth = weighted_ce_reference(leaves[0], leaves[1], *args[:2], case["rewards"], bias=leaves[2], standardize=True)
+    truth_tok = weighted_ce_reference(leaves[0], leaves[1], *args[:2], case["rewards"], bias=leaves[2],
+                                      standardize=True, reduction="none")
+    assert_close(loss, truth, 1e-5, "loss", seed, scale=loss_scale(case))
     assert_close(per_token, truth_tok, 1e-5, "per-token loss", seed)
-    g_truth = torch.autograd.grad(truth, (h64, W64))
-    assert_close(h.grad, g_truth[0], 2e-2, "d_hidden", seed)
-    assert_close(W.grad, g_truth[1], 2e-2, "d_weight", seed)
+    g_truth = torch.autograd.grad(truth, leaves)
+    g_truth_tok = torch.autograd.grad(truth_tok, leaves, up.double())
+    tol_h = 1e-5 if hd == torch.float32 else 2e-2
+    for grads, ref, what in (((h.grad, W.grad, b.grad), g_truth, "mean"), (g_tok, g_truth_tok, "none")):
+        assert_close(grads[0], ref[0], tol_h, f"d_hidden ({what})", seed)
+        assert_close(grads[1], ref[1], 1e-5, f"d_weight ({what})", seed)
+        assert_close(grads[2], ref[2], 1e-5, f"d_bias ({what})", seed)
 
 
 def test_module_matches_function():
@@ -443,6 +451,8 @@ def test_default_plan_at_a_gemma2_head_and_options():
     cpu = chunking.plan_chunks(8192, 2304, 256000, dtype=torch.bfloat16, gemm_dtype=torch.float32)
     assert cpu.logits_bytes == 0 and cpu.weight_bytes == 256000 * 2304 * 4  # the CPU: fp32 GEMMs, upcast weight
     assert cpu.stage_rows == cpu.sub_rows == 256 and cpu.stage_bytes == 256 * 256000 * 4 <= 256 << 20
+    amp = chunking.plan_chunks(8192, 2304, 256000, dtype=torch.bfloat16, weight_dtype=torch.float32)
+    assert amp.dw_fp32 and amp.dw_bytes == 0 and amp.weight_bytes == 256000 * 2304 * 2  # autocast, fp32 master
     f32 = chunking.plan_chunks(8192, 2304, 256000, dtype=torch.float32)
     assert f32.dw_fp32 and f32.dw_bytes == 0 and f32.logits_bytes == 0  # the logits live in the staging block
     for bad in (dict(dtype=torch.int32), dict(dtype=torch.float32, budget_bytes=0),

@@ -54,10 +54,13 @@ class CEOptions:
     """weighted_ce's chunking options (set with :func:`refit_fast.chunk_budget`).
 
     chunk_bytes: the fp32 logits of one sub-chunk (the budget); fp32_weight_grad: fp32 dW
-    accumulator for bf16/fp16 weights (None: the default, on)."""
+    accumulator for bf16/fp16 weights (None: the default, on); compute_dtype: the dtype the GEMMs
+    take when it is not the inputs' own (set by weighted_ce under autocast; the inputs are rounded
+    to it inside and their gradients come back in their own dtypes)."""
 
     chunk_bytes: int
     fp32_weight_grad: bool | None = None
+    compute_dtype: torch.dtype | None = None
 
 
 def _env_fp32_weight_grad() -> bool | None:
@@ -122,7 +125,8 @@ class ChunkPlan:
 
 
 def plan_chunks(n_rows: int, hidden: int, vocab: int, *, dtype: torch.dtype, budget_bytes: int | None = None,
-                fp32_weight_grad: bool | None = None, gemm_dtype: torch.dtype | None = None) -> ChunkPlan:
+                fp32_weight_grad: bool | None = None, gemm_dtype: torch.dtype | None = None,
+                weight_dtype: torch.dtype | None = None) -> ChunkPlan:
     """The chunk plan for `n_rows` trained rows of width `hidden` and a vocabulary of `vocab`.
 
     dtype: the dtype of hidden and weight (float32, bfloat16, float16, float64). budget_bytes: the
@@ -130,6 +134,8 @@ def plan_chunks(n_rows: int, hidden: int, vocab: int, *, dtype: torch.dtype, bud
     fp32_weight_grad: fp32 dW accumulator for bf16/fp16 (None: the active chunk_budget's choice,
     default True). gemm_dtype: the dtype the GEMMs run in, `dtype` (default: bf16/fp16 operands with
     fp32 output, the CUDA path) or float32 (the CPU path, which upcasts the weight once).
+    weight_dtype: the weight's own dtype when it is not `dtype` (an fp32 master weight under
+    autocast: it is rounded to `dtype` inside, and the fp32 accumulator is its gradient).
 
         >>> p = plan_chunks(8192, 4096, 128256, dtype=torch.bfloat16, budget_bytes=256 << 20)
         >>> (p.sub_rows, p.stage_rows, p.n_stages, p.dw_fp32)
@@ -153,6 +159,7 @@ def plan_chunks(n_rows: int, hidden: int, vocab: int, *, dtype: torch.dtype, bud
     if gemm not in (dtype, acc):
         raise ValueError(f"plan_chunks: gemm_dtype must be {dtype} or {acc}, got {gemm_dtype}")
     lowp = dtype != acc
+    wdt = dtype if weight_dtype is None else weight_dtype
 
     # rows: sub-chunks whose logits fit the budget, staging blocks of up to STAGE_SUBS of them
     sub = max(1, budget // (vocab * _size(acc)))
@@ -168,12 +175,12 @@ def plan_chunks(n_rows: int, hidden: int, vocab: int, *, dtype: torch.dtype, bud
 
     # memory
     g_size, h_size = _size(gemm), _size(dtype)
-    dw_fp32 = (not lowp) or gemm == acc or fp32_weight_grad is None or bool(fp32_weight_grad)
+    dw_fp32 = (not lowp) or gemm == acc or wdt == acc or fp32_weight_grad is None or bool(fp32_weight_grad)
     logits_bytes = sub * vocab * _size(acc) if gemm != acc else 0
     stage_bytes = stage * vocab * g_size
     rows_bytes = stage * hidden * (h_size + g_size) + (stage * hidden * (g_size + h_size) if gemm != dtype else 0)
-    dw_bytes = vocab * hidden * _size(acc) if (lowp and dw_fp32) else 0
-    weight_bytes = vocab * hidden * g_size if gemm != dtype else 0
+    dw_bytes = vocab * hidden * _size(acc) if (lowp and dw_fp32 and wdt != acc) else 0
+    weight_bytes = vocab * hidden * g_size if (gemm != dtype or wdt != dtype) else 0  # a rounded / upcast copy
     vector_bytes = 2 * vocab * _size(acc)
     extra = logits_bytes + stage_bytes + rows_bytes + dw_bytes + weight_bytes + vector_bytes
     return ChunkPlan(n_rows=n_rows, hidden=hidden, vocab=vocab, dtype=dtype, gemm_dtype=gemm, budget_bytes=budget,
@@ -244,6 +251,13 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # The chunked driver (shared by both implementations)
 # ----------------------------------------------------------------------------------------------
+def _round(t: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) -> torch.Tensor:
+    """t rounded to the compute dtype (autocast's rounding), then in the GEMM dtype."""
+    if t.dtype != compute:
+        t = t.to(compute)
+    return t if t.dtype == gemm else t.to(gemm)
+
+
 def fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts: CEOptions):
     """Loss (and gradients) over the trained rows `idx_v` of h [N, D], by :func:`plan_chunks`.
 
@@ -257,22 +271,24 @@ def fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts: CEOpt
     V = W.shape[0]
     Nv = idx_v.numel()
     dev = h.device
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    lowp = h.dtype != acc
+    cd = opts.compute_dtype or h.dtype  # the dtype the GEMMs take (autocast: the inputs rounded to it)
+    acc = torch.float64 if cd == torch.float64 else torch.float32
+    lowp = cd != acc
     compute_grad = any(need)
     with torch.autocast(dev.type, enabled=False):
         # bf16/fp16: on CUDA the BLAS writes fp32 logits from the bf16 operands; elsewhere (CPU, an
         # old torch) the weight is upcast once and every GEMM runs in fp32
-        gemm = h.dtype if (lowp and mm_out_fp32_supported(dev, h.dtype)) else acc
-        plan = plan_chunks(Nv, D, V, dtype=h.dtype, budget_bytes=opts.chunk_bytes,
-                           fp32_weight_grad=opts.fp32_weight_grad, gemm_dtype=gemm)
-        W_g = W if W.dtype == gemm else W.to(gemm)
-        b_acc = b.to(acc) if b is not None else None
+        gemm = cd if (lowp and mm_out_fp32_supported(dev, cd)) else acc
+        plan = plan_chunks(Nv, D, V, dtype=cd, budget_bytes=opts.chunk_bytes, fp32_weight_grad=opts.fp32_weight_grad,
+                           gemm_dtype=gemm, weight_dtype=W.dtype)
+        W_g = _round(W, cd, gemm)
+        b_acc = _round(b, cd, acc) if b is not None else None
         w_acc = w_v.to(acc)
         coef = coef.to(acc)
         loss_v = torch.empty(Nv, dtype=acc, device=dev)
         dh = torch.zeros_like(h) if need[0] else None
         dW = torch.zeros((V, D), dtype=acc if plan.dw_fp32 else W.dtype, device=dev) if need[1] else None
+        dh_fp32 = dh is not None and dh.dtype == acc and gemm != acc  # an fp32 hidden under autocast
         db = torch.zeros(V, dtype=acc, device=dev) if need[2] else None
         # the buffers of the plan: the staging block, and the fp32 logits unless they live in it
         stage = torch.empty((plan.stage_rows, V), dtype=gemm, device=dev) if (compute_grad and Nv) else None
@@ -282,7 +298,7 @@ def fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts: CEOpt
             sn = min(plan.stage_rows, Nv - s0)
             rows = idx_v[s0:s0 + sn]
             hs = h.index_select(0, rows)
-            hs_g = hs if hs.dtype == gemm else hs.to(gemm)
+            hs_g = _round(hs, cd, gemm)
             for c0 in range(0, sn, plan.sub_rows):
                 cn = min(plan.sub_rows, sn - c0)
                 zb, z0 = (stage, c0) if in_place else (zbuf, 0)
@@ -297,7 +313,7 @@ def fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts: CEOpt
             if compute_grad:
                 G = stage[:sn]
                 if dh is not None:
-                    dh_s = G @ W_g
+                    dh_s = torch.mm(G, W_g, out_dtype=acc) if dh_fp32 else G @ W_g
                     dh.index_copy_(0, rows, dh_s if dh_s.dtype == h.dtype else dh_s.to(h.dtype))
                     del dh_s
                 if dW is not None:

@@ -17,7 +17,8 @@ from refit_fast.ops.weighted_ce_torch import REWARD_LIMIT, _as_eps, token_weight
 class Prepared(NamedTuple):
     """Validated, flattened inputs of WeightedCEFunction (hidden [N, D], weight, bias, the trained
     tokens' labels / indices / weights [Nv], the normalizer), the resolved impl, and the leading
-    shape of hidden (the shape of a reduction="none" result)."""
+    shape of hidden (the shape of a reduction="none" result), and under autocast the dtype the
+    GEMMs take (None: the inputs' own dtype)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -28,6 +29,7 @@ class Prepared(NamedTuple):
     denom: torch.Tensor
     impl: str
     lead: torch.Size
+    compute_dtype: torch.dtype | None  # under autocast: the dtype the inputs are rounded to inside
 
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -87,16 +89,27 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
         raise ValueError(f"weighted_ce: hidden must be [N, D] or [..., D], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weighted_ce: weight must be [V, D] with D={hidden.shape[-1]} (hidden's last dim), got {tuple(weight.shape)}")
-    if torch.is_autocast_enabled(device.type):  # follow autocast like F.linear would
-        dt = torch.get_autocast_dtype(device.type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    if hidden.dtype not in _FLOATS:
-        raise ValueError(f"weighted_ce: hidden must be float32/bfloat16/float16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weighted_ce: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} (cast one, or use autocast)")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
-        raise ValueError(f"weighted_ce: bias must be [V]={weight.shape[0]} of dtype {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    compute = None
+    if torch.is_autocast_enabled(device.type):
+        # follow autocast like F.linear would: the GEMMs see the inputs rounded to the autocast dtype.
+        # The rounding happens inside (per staging block for hidden), so the gradients reach the
+        # inputs in their own dtypes: an fp32 master weight gets the fp32 accumulator itself.
+        compute = torch.get_autocast_dtype(device.type)
+        for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype not in _FLOATS:
+                raise ValueError(f"weighted_ce: {name} must be a floating-point tensor, got {t.dtype}")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"weighted_ce: bias must be [V]={weight.shape[0]}, got {tuple(bias.shape)}")
+        if all(t is None or t.dtype == compute for t in (hidden, weight, bias)):
+            compute = None  # nothing to round
+    else:
+        if hidden.dtype not in _FLOATS:
+            raise ValueError(f"weighted_ce: hidden must be float32/bfloat16/float16, got {hidden.dtype}")
+        if weight.dtype != hidden.dtype:
+            raise ValueError(f"weighted_ce: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} (cast one, or use autocast)")
+        if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+            raise ValueError(f"weighted_ce: bias must be [V]={weight.shape[0]} of dtype {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    cdt = compute or hidden.dtype  # the dtype the GEMMs take
     lead = hidden.shape[:-1]
     if labels.shape != lead:
         raise ValueError(f"weighted_ce: labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(lead)}")
@@ -141,7 +154,7 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
     if impl == "triton":
         if not K.HAS_TRITON:
             raise ValueError("weighted_ce: impl='triton' needs the triton package (pip install triton)")
-        if hidden.dtype == torch.float64:
+        if cdt == torch.float64:
             raise ValueError("weighted_ce: impl='triton' computes in fp32; use impl='torch' for float64")
         if device.type != "cuda" and not K._interpreting():
             raise ValueError("weighted_ce: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret on CPU); use impl='torch'")
@@ -222,7 +235,7 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
     else:
         weights_fn = K.token_weights_triton if impl == "triton" else token_weights_torch
         w_v = weights_fn(rewards, sid_v, standardize=mode, eps=eps, reward_stats=stats, groups=groups)
-    w_v = w_v.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)  # rounded once
+    w_v = w_v.to(torch.float64 if cdt == torch.float64 else torch.float32)  # rounded once
     if reduction == "mean" and normalize == "sequence":
         present = torch.zeros(max(n_conv, 1), dtype=torch.bool, device=device).index_fill_(0, sid_v, True)
         denom = present.sum().clamp_min(1).to(torch.float32)
@@ -230,7 +243,7 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
         denom = torch.tensor(float(max(n_valid, 1)), device=device)
     else:
         denom = torch.tensor(1.0, device=device)
-    if hidden.dtype == torch.float64:
+    if cdt == torch.float64:
         denom = denom.double()
 
-    return Prepared(h2, weight, bias, labels_v, idx_v, w_v, denom, impl, lead)
+    return Prepared(h2, weight, bias, labels_v, idx_v, w_v, denom, impl, lead, compute)

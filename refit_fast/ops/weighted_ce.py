@@ -184,8 +184,9 @@ def weighted_ce(
     p = prepare_inputs(hidden, weight, labels, seq_ids, rewards, bias=bias, standardize=standardize, groups=groups,
                        eps=eps, reward_stats=reward_stats, ignore_index=ignore_index, reduction=reduction,
                        normalize=normalize, impl=impl)
+    opts = OPTIONS.get() if p.compute_dtype is None else replace(OPTIONS.get(), compute_dtype=p.compute_dtype)
     out = WeightedCEFunction.apply(p.hidden, p.weight, p.bias, p.labels_v, p.idx_v, p.w_v, p.denom, reduction, p.impl,
-                                   OPTIONS.get(), torch.is_grad_enabled())
+                                   opts, torch.is_grad_enabled())
     return out.reshape(p.lead) if reduction == "none" else out
 
 
