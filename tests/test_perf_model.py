@@ -183,6 +183,20 @@ def test_json_round_trip(capsys):
     assert set(got) >= {"components", "total_ms", "floor_ms", "fraction", "extra_bytes"}
 
 
+def test_no_overlap_bounds_the_dw_addmm(capsys):
+    """--no-overlap: the dW addmm costs compute + its bytes (v1: +0.51 ms per 345-row chunk), nothing else moves."""
+    base = pm.predict(8192, **LLAMA, plan="v1")
+    assert pm.main(["--plan", "v1", "--json", "--no-overlap"]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert pm.BETA_OVERLAP is True  # restored
+    extra = slow["components"]["dW addmm"] - base.components["dW addmm"]
+    dw_bytes = 23 * (128256 * 345 * 2 + 345 * 4096 * 2 + 2 * 128256 * 4096 * 2) + (
+        128256 * 257 * 2 + 257 * 4096 * 2 + 2 * 128256 * 4096 * 2)
+    assert extra == pytest.approx(dw_bytes / 4.3e12 * 1e3)
+    for k in ("logits GEMM", "dh GEMM", "row kernel"):
+        assert slow["components"][k] == pytest.approx(base.components[k])
+
+
 def test_script_runs():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "perf_model.py"), "--n", "1024", "--d", "512",
                           "--v", "32000", "--device", "a100", "--plan", "v1"],
