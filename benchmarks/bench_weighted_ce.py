@@ -341,6 +341,7 @@ def main(argv=None) -> int:
 #     python -m pytest benchmarks/bench_weighted_ce.py --benchmark-only -p no:cacheprovider -s
 #     REFIT_CPU_SHAPES=2048x512x32000 REFIT_CPU_ROUNDS=5 REFIT_CPU_JSON=/tmp/cpu.jsonl python -m pytest ...
 #     python benchmarks/bench_weighted_ce.py --cpu-report /tmp/cpu.jsonl      # the markdown table
+# REFIT_CPU_PEERS=a,b picks contenders; REFIT_CPU_MEMORY=all|none|a,b whose memory to measure.
 CPU_SHAPES = ((2048, 512, 32000), (4096, 1024, 50257), (1024, 2048, 128256))
 CPU_PEERS = ("refit_fast", "torch_lce_chunked", "materialized", "torch_lce", "cce_torch_compile",
              "liger", "cut_cross_entropy", "cce_exact", "quack")
@@ -429,11 +430,11 @@ def _agreement(loss, gh, gW, ref) -> dict:
 AGREE = dict(loss_abs_err=1e-4, dh_rel_err=1e-3, dW_rel_err=1e-3)
 
 
-def run_cpu_shape(n: int, d: int, v: int, names, rounds: int, seed: int = 0, memory: bool = True) -> list[dict]:
+def run_cpu_shape(n: int, d: int, v: int, names, rounds: int, seed: int = 0, memory=True) -> list[dict]:
     """All `names` at one shape: each checked against materialized logits (that run is its
     warm-up), then `rounds` rounds, each timing every contender once (order rotated per round,
-    input sets rotated), then the memory of each in a fresh process. Rows for peers that cannot
-    run here carry their reason."""
+    input sets rotated), then the memory of each in a fresh process (`memory`: True for all, or
+    the names to measure). Rows for peers that cannot run here carry their reason."""
     import time
 
     torch.manual_seed(seed)
@@ -456,6 +457,9 @@ def run_cpu_shape(n: int, d: int, v: int, names, rounds: int, seed: int = 0, mem
     loss = step(_materialized, h, W, y)
     ref = (loss.detach(), h.grad.clone(), W.grad.clone())
     for k in list(run):
+        if k == "materialized":  # the reference run was its warm-up
+            rows[k].update(loss_abs_err=0.0, dh_rel_err=0.0, dW_rel_err=0.0)
+            continue
         try:
             loss = step(avail[k], h, W, y)
             rows[k].update(_agreement(loss.detach(), h.grad, W.grad, ref))
@@ -483,6 +487,8 @@ def run_cpu_shape(n: int, d: int, v: int, names, rounds: int, seed: int = 0, mem
     del W, pairs
     if memory:
         for k in run:
+            if memory is not True and k not in memory:
+                continue
             m = cpu_memory_subprocess(k, n, d, v)
             rows[k].update({x: m[x] for x in m if x not in ("method", "N", "D", "V")})
     return [rows[k] for k in names]
@@ -553,7 +559,10 @@ if pytest is not None:
         n, d, v = shape
         rounds = int(os.environ.get("REFIT_CPU_ROUNDS", "3"))
         names = os.environ.get("REFIT_CPU_PEERS", ",".join(CPU_PEERS)).split(",")
-        rows = benchmark.pedantic(run_cpu_shape, args=(n, d, v, names, rounds), rounds=1, iterations=1)
+        mem = os.environ.get("REFIT_CPU_MEMORY", "all")  # "all", "none" or names
+        memory = True if mem == "all" else (False if mem == "none" else mem.split(","))
+        rows = benchmark.pedantic(run_cpu_shape, args=(n, d, v, names, rounds), kwargs=dict(memory=memory),
+                                  rounds=1, iterations=1)
         benchmark.extra_info.update(shape=dict(N=n, D=d, V=v), rows=rows, ratios=cpu_ratios(rows))
         out = os.environ.get("REFIT_CPU_JSON")
         if out:
