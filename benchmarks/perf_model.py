@@ -45,7 +45,8 @@ Rules (all in this file, each a named constant):
       over whole k-blocks, never slower per FLOP (tested).
     - the per-SM rate is set so that the 8192^3 GEMM of the device's rate measurement comes out at
       exactly the measured rate (that GEMM has its own waves and fill: 32 waves of 4096 tiles on
-      132 SMs, 128 k-blocks), so the rule only ever adds time relative to that measurement.
+      132 SMs, 128 k-blocks); and no GEMM is predicted faster than the measured rate (a GEMM with
+      fewer wasted waves than that measurement would otherwise come out above it).
   * element-wise kernels (row kernel, gather/scatter, zeros, casts, scaling): bytes / bandwidth.
     The row kernel's exponentials (2 per logit) are below its memory time on all three devices
     (e.g. H100/H200: 16 SFU ops/clk/SM x 132 SMs x ~1.98 GHz = 4.2e12/s vs 4.3e12 B/s / 10 B per
@@ -176,6 +177,7 @@ def gemm_plan(g: Gemm, dev: Device, rate: float) -> dict:
     for s in SPLITS:
         waves = math.ceil(tiles * s / dev.n_sm)
         compute = waves * (kb / s + PIPE_FILL) * t_kb  # k-blocks shared evenly by the splits
+        compute = max(compute, g.flops / rate)  # never faster than the measured rate
         partial = (2 * s * g.m * g.n * 4) if s > 1 else 0  # fp32 partials written, then read by the reduction
         memory = (g.bytes + partial) / dev.hbm_bytes_per_s
         # beta=1 (the dW addmm): its accumulator's read-modify-write hides under the compute, or not
