@@ -249,7 +249,12 @@ def resolve_plan(n: int, d: int, v: int, dtype: str, plan):
 
 def plan_summary(plan) -> dict:
     out = {k: getattr(plan, k) for k in ("sub_rows", "stage_rows", "n_stages", "dw_fp32")}
-    out["source"] = getattr(plan, "name", type(plan).__module__ + "." + type(plan).__name__)
+    if hasattr(plan, "name"):
+        out["source"] = plan.name
+    elif type(plan).__module__ == "refit_fast.ops.chunking":
+        out["source"] = "plan_chunks"
+    else:
+        out["source"] = type(plan).__module__ + "." + type(plan).__name__
     out = {k: (bool(x) if k == "dw_fp32" else x) for k, x in out.items()}
     return out
 
