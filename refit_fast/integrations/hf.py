@@ -12,7 +12,8 @@ groups=None, num_items_in_batch=None, **kwargs)``:
   ``num_items_in_batch`` when the caller gives it (what ``transformers.Trainer`` passes under
   gradient accumulation). ``w_t`` is 1, or the reward of token t's sequence, standardized as
   ``standardize`` says (None/False, True/"batch", "group" with ``groups``; see ``weighted_ce``). The
-  output's ``logits`` is None.
+  output's ``logits`` is None. A row may hold several packed sequences: ``seq_ids`` (one id per token,
+  0..S-1; the default is the row index) says which, and no target crosses from one into the next.
 
 A model whose head is not ``hidden @ weight.T (+ bias)`` (Gemma 2's final-logit softcapping, Cohere's
 ``logit_scale``, Granite's ``logits_scaling``, anything custom) is refused when patched: the patch
@@ -79,10 +80,10 @@ def patch_causal_lm(model, *, check_head: bool = True, impl: str = "auto"):
     original = model.forward
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, *, rewards=None, standardize=None,
-                groups=None, num_items_in_batch=None, **kwargs):
+                groups=None, seq_ids=None, num_items_in_batch=None, **kwargs):
         if labels is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return _loss_forward(self, input_ids, attention_mask, labels, rewards, standardize, groups,
+        return _loss_forward(self, input_ids, attention_mask, labels, rewards, standardize, groups, seq_ids,
                              num_items_in_batch, impl, kwargs)
 
     model.forward = types.MethodType(forward, model)
@@ -105,15 +106,18 @@ def unpatch_causal_lm(model):
     return model
 
 
-def _shift(labels: torch.Tensor) -> torch.Tensor:
-    """Next-token targets: position t is trained on ``labels[t + 1]``; the last position on nothing."""
+def _shift(labels: torch.Tensor, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token targets: position t is trained on ``labels[t + 1]``; the last position of a row (and,
+    with ``seq_ids``, of every packed sequence) on nothing."""
     out = torch.full_like(labels, -100)
     out[..., :-1] = labels[..., 1:]
+    if seq_ids is not None:
+        out[..., :-1][seq_ids[..., 1:] != seq_ids[..., :-1]] = -100
     return out
 
 
-def _loss_forward(model, input_ids, attention_mask, labels, rewards, standardize, groups, num_items_in_batch,
-                  impl, kwargs):
+def _loss_forward(model, input_ids, attention_mask, labels, rewards, standardize, groups, seq_ids,
+                  num_items_in_batch, impl, kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     kwargs.pop("logits_to_keep", None)  # no logits are built
@@ -122,16 +126,24 @@ def _loss_forward(model, input_ids, attention_mask, labels, rewards, standardize
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs give {tuple(hidden.shape[:-1])}")
-    targets = _shift(labels.to(hidden.device))
+    if seq_ids is None:  # every row one sequence
+        seq_ids = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand(hidden.shape[:-1])
+    else:
+        seq_ids = torch.as_tensor(seq_ids, device=hidden.device)
+        if seq_ids.shape != labels.shape:
+            raise ValueError(f"seq_ids has shape {tuple(seq_ids.shape)}; it needs one id per token, {tuple(labels.shape)}")
+    targets = _shift(labels.to(hidden.device), seq_ids)
     weight, bias = output_embedding(model)
+    n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
     if rewards is not None:
         rewards = torch.as_tensor(rewards, dtype=torch.float32, device=hidden.device).reshape(-1)
-        if rewards.numel() != hidden.shape[0]:
-            raise ValueError(f"rewards has {rewards.numel()} entries; give one per sequence ({hidden.shape[0]})")
+        if rewards.numel() != n_seqs:
+            raise ValueError(f"rewards has {rewards.numel()} entries; give one per sequence ({n_seqs})")
     if groups is not None:
         groups = torch.as_tensor(groups, device=hidden.device)
-    total = weighted_ce(hidden, weight, targets, None, rewards, bias=bias, standardize=standardize or False,
-                        groups=groups, reduction="sum", impl=impl)
+    total = weighted_ce(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), seq_ids.reshape(-1),
+                        rewards, bias=bias, standardize=standardize or False, groups=groups, reduction="sum",
+                        impl=impl)
     if num_items_in_batch is not None:
         denominator = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
     else:
