@@ -44,3 +44,38 @@ class PeakMemory(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(st, self._free, key, st.nbytes())
         return out
+
+
+_RSS_SCRIPT = r"""
+import json, resource, sys, torch
+sys.path[:0] = {paths!r}
+torch.set_num_threads({threads})
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+{setup}
+before = rss()
+{code}
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(dict(before=before, peak=peak, extra=peak - before)))
+"""
+
+
+def peak_rss(setup: str, code: str, *, paths=(), threads: int = 2, timeout: float = 600) -> dict:
+    """Peak resident memory of `code` in a fresh Python process, beyond what `setup` left resident.
+
+    `setup` builds the inputs (avoid temporaries there: a peak during setup would count), `code`
+    runs the computation. Returns {"before", "peak", "extra"} in bytes: extra = the process's peak
+    RSS (ru_maxrss) minus its RSS after setup. Large CPU tensors are their own mmap'd blocks, given
+    back to the system when freed, so RSS follows the live tensors."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = _RSS_SCRIPT.format(paths=list(map(str, paths)), threads=threads, setup=textwrap.dedent(setup),
+                                code=textwrap.dedent(code))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak_rss: the child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

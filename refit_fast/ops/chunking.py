@@ -12,15 +12,17 @@ blocks* of `stage_rows` rows; each block goes through in *sub-chunks* of `sub_ro
 
 `G` [stage_rows, V] is the *staging block* in the GEMM dtype (bf16/fp16 for low-precision weights:
 the BLAS writes fp32 logits from bf16 operands and the row kernel rounds the gradient once). With
-an fp32 (or fp64) GEMM dtype the logits GEMM writes straight into the staging rows and the row
-kernel works in place, so there is no separate logits buffer.
+an fp32 (or fp64) GEMM dtype (fp32 weights; bf16/fp16 on the CPU, whose GEMMs cannot write fp32
+from bf16, so the weight is upcast once) the logits GEMM writes straight into the staging rows and
+the row kernel works in place: no separate logits buffer, and a staging block is one sub-chunk
+(the fp32 logits alive at once fit the budget).
 
 The budget (:func:`refit_fast.chunk_budget`, default 256 MiB) bounds the fp32 logits of one
 sub-chunk: ``sub_rows = budget // (V * 4)``, rounded down to a multiple of 128 when it is at least
-128. A staging block holds up to 16 sub-chunks and is the smallest whole number of them that reaches
-2048 rows: ``stage_rows = sub_rows * min(16, ceil(2048 / sub_rows))``, so from 128 sub-chunk rows
-on (62.6 MiB of budget at V = 128256) the dh/dW GEMMs have K >= 2048 and a multiple of 128, and a
-tiny budget still gives several staging blocks. Both are capped at the number of rows.
+128. A low-precision staging block holds up to 16 sub-chunks and is the smallest whole number of them
+that reaches 2048 rows: ``stage_rows = sub_rows * min(16, ceil(2048 / sub_rows))``, so from 128
+sub-chunk rows on (62.6 MiB of budget at V = 128256) the dh/dW GEMMs have K >= 2048 and a multiple
+of 128, and a tiny budget still gives several staging blocks. Both are capped at the number of rows.
 
 The weight gradient accumulates in fp32 (`dw_fp32`) by default for bf16/fp16 weights (one in-place
 ``addmm(..., out_dtype=float32)`` per block where torch has it); ``fp32_weight_grad=False`` keeps
@@ -156,7 +158,9 @@ def plan_chunks(n_rows: int, hidden: int, vocab: int, *, dtype: torch.dtype, bud
     sub = max(1, budget // (vocab * _size(acc)))
     if sub >= ROW_ALIGN:
         sub -= sub % ROW_ALIGN
-    stage = sub * min(STAGE_SUBS, math.ceil(STAGE_ROWS / sub))
+    # low precision: a bf16/fp16 staging block of up to STAGE_SUBS sub-chunks; fp32/fp64 GEMMs
+    # (fp32 weights, the CPU): the logits are the staging block, so it is one sub-chunk
+    stage = sub * min(STAGE_SUBS, math.ceil(STAGE_ROWS / sub)) if gemm != acc else sub
     rows = max(n_rows, 1)
     sub, stage = min(sub, rows), min(stage, rows)
     n_stages = math.ceil(n_rows / stage)
@@ -215,8 +219,8 @@ def _mm_fp32_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[key] = False
-            _warn_once(key[0], "weighted_ce: this torch has mm(out_dtype=float32) but not into a given buffer; "
-                               "each sub-chunk's logits are copied once (a second fp32 logits buffer)")
+    _warn_once(key[0], "weighted_ce: this torch has mm(out_dtype=float32) but not into a given buffer; "
+                       "each sub-chunk's logits are copied once (a second fp32 logits buffer)")
     out.copy_(torch.mm(a, b, out_dtype=torch.float32))
 
 
@@ -232,8 +236,8 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[key] = False
-            _warn_once(key[0], "weighted_ce: this torch has no addmm(out_dtype=float32, out=...): the fp32 weight "
-                               "gradient adds a low-precision product per staging block (a [V, D] temporary)")
+    _warn_once(key[0], "weighted_ce: this torch has no addmm(out_dtype=float32, out=...): the fp32 weight "
+                       "gradient adds a low-precision product per staging block (a [V, D] temporary)")
     acc.add_(a @ b)
 
 
