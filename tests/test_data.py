@@ -406,3 +406,28 @@ def test_100k_conversations_with_progress_bar(tmp_path, tok, capsys):
     tokens = sum(t.num_tokens for t in out)
     print(f"\n100k conversations, {tokens} tokens: {dt:.1f} s ({len(out) / dt:.0f} conv/s)")
     assert dt < 120
+
+
+QWEN_LIKE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+             "{% endif %}" + CHATML)
+LLAMA3_LIKE = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: 2023\n\n"
+               "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}<|eot_id|>"
+               "{% for m in messages %}{% if m['role'] != 'system' %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+               "\n\n{{ m['content'] }}<|eot_id|>{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def test_a_default_system_prompt_is_reported_with_counts():
+    from refit_fast.data.tokenization import default_system_prompt
+
+    bpe = _bpe_tokenizer(QWEN_LIKE)
+    assert default_system_prompt(bpe) == "<|im_start|>system\nYou are a helpful assistant."
+    assert "system<|end_header_id|>\n\nCutting Knowledge Date" in default_system_prompt(bpe, LLAMA3_LIKE)
+    assert default_system_prompt(bpe, CHATML) is None  # a system block only when the chat has one
+    rows = [chat(("user", "hello"), ("assistant", "hello there")), chat(("user", "hi"), ("assistant", "there")),
+            chat(("system", "be brief"), ("user", "hello"), ("assistant", "hello"))]
+    out, report = tokenize_conversations(load_conversations(rows)[0], bpe, progress=False)
+    assert len(out) == 3 and report.warnings.get("default_system_prompt") == 2  # kept, and counted
+    assert "You are a helpful" in report.summary()
+    out, report = tokenize_conversations(load_conversations(rows)[0], bpe, chat_template=CHATML, progress=False)
+    assert "default_system_prompt" not in report.warnings

@@ -19,7 +19,12 @@ def test_the_walk_sees_every_stage():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
-    module = importlib.import_module(name)
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        if "pip install 'refit-fast[" not in str(e):  # only an optional extra may be missing
+            raise
+        pytest.skip(str(e))
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     for test in doctest.DocTestFinder().find(module, name, globs=vars(module).copy()):
         runner.run(test)

@@ -684,3 +684,30 @@ def test_overlong_truncate_turns_trains_the_cut_conversations(tmp_path, capsys):
     assert sum(m["conversations"] for m in res.metrics) == len(convs)
     assert sum(m["trained_tokens"] for m in res.metrics) == expected
     assert f"(0 over max_tokens dropped, {cut} truncated to fit" in capsys.readouterr().out
+
+
+def test_model_dtype_is_kept_and_saved(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data, output_dir=str(tmp_path / "bf16"), **{"model.dtype": "bfloat16", "optim.lr": 1e-3})
+    res = train(cfg)
+    assert math.isfinite(res.losses[0])
+    saved = json.load(open(os.path.join(res.final_model_path, "config.json")))
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+    # auto: the dtype the starting model was saved in; float32 (the default) converts it
+    for setting, want in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        again = train(base_config(tmp_path, data, output_dir=str(tmp_path / setting), **{
+            "model.config": None, "model.init_from": res.final_model_path, "model.dtype": setting, "tokenizer": "auto"}))
+        got = load_model(again.final_model_path, attn_backend=None, dtype=None, local_files_only=True)
+        assert {p.dtype for p in got.parameters()} == {want}, setting
+    with pytest.raises(ConfigError, match="model.dtype"):
+        load_config(cfg.to_dict(), ["model.dtype=float8"])
+
+
+def test_conversations_longer_than_the_position_table_are_refused(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = base_config(tmp_path, data, **{"model.config": dict(MODEL, max_position_embeddings=20), "batch.max_tokens": 96})
+    with pytest.raises(ConfigError, match=r"longer than the model's max_position_embeddings=20, e\.g\. c\d+ \(\d+ tokens\)"):
+        train(cfg)
+    # with max_tokens within the table, the over-long ones are the packer's to drop
+    res = train(cfg.replace(**{"batch.max_tokens": 20, "steps": None, "optim.lr": 1e-3}))
+    assert sum(m["conversations"] for m in res.metrics) < 12

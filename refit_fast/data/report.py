@@ -40,6 +40,8 @@ WARNINGS = {
     "special_token_in_content": "a message's text holds a special token's text (e.g. a turn marker), "
                                 "tokenized as that token (row kept)",
     "first_token_trained": "loss_mask[0] was 1; cleared, the first token has no context",
+    "default_system_prompt": "no system message, so the chat template adds its default system prompt "
+                             "(the policy is trained with it; row kept)",
 }
 _EXAMPLES_PER_REASON = 3
 

@@ -113,6 +113,7 @@ def tokenize_conversations(
 
     char_limit = None if max_tokens is None else MAX_CHARS_PER_TOKEN * max_tokens
     special = _special_token_pattern(tokenizer) if tokenizer is not None else None
+    injected = default_system_prompt(tokenizer, template) if tokenizer is not None and template else None
 
     from tqdm.auto import tqdm
 
@@ -124,6 +125,10 @@ def tokenize_conversations(
                 chunk = [c for c in chunk if not _too_many_chars(c, char_limit, max_tokens, report)]
             if special is not None:
                 chunk = [c for c in chunk if not _special_in_content(c, special, report)]
+            if injected is not None:
+                for c in chunk:
+                    if not c.is_tokenized and not any(m["role"] == "system" for m in c.messages):
+                        report.warn("default_system_prompt", c.location, f"the template adds {_clip(injected)}")
             pairs = _tokenize_chunk(chunk, enc, report, exact_prefix)
             for conv, pair in zip(chunk, pairs):
                 if pair is None:
@@ -406,6 +411,54 @@ def _special_token_pattern(tokenizer):
             texts.add(str(t))
     texts = sorted((t for t in texts if t), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def default_system_prompt(tokenizer, chat_template: str | None = None) -> str | None:
+    r"""The system block a chat template adds to a conversation without a system message (Qwen 2.5's
+    "You are Qwen, created by Alibaba Cloud...", Llama 3.1's knowledge-date block), or None.
+
+    Found by rendering one user turn with and without a system message: the text the template puts
+    before a given system prompt's content (its system header) also appearing before the user turn
+    when there is none means the template injected one. A template that refuses either rendering, or
+    has no system header, gives None.
+
+    Example:
+        >>> tok = build_word_tokenizer(["hi"])
+        >>> default_system_prompt(tok) is None          # the word tokenizer's template adds nothing
+        True
+        >>> qwen_like = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n"
+        ...              "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        ...              "{% endfor %}")
+        >>> default_system_prompt(tok, qwen_like)
+        '<|im_start|>system\nYou are helpful.'
+    """
+    user, system = "refitfastuserturn", "refitfastsystemturn"
+    try:
+        plain = tokenizer.apply_chat_template([{"role": "user", "content": user}], chat_template=chat_template,
+                                              tokenize=False)
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}], chat_template=chat_template,
+            tokenize=False)
+    except Exception:  # no template, or one that refuses a system message
+        return None
+    if not (isinstance(plain, str) and isinstance(with_system, str) and user in plain and system in with_system):
+        return None
+    header = with_system.split(system, 1)[0]
+    bos = tokenizer.bos_token or ""
+    header_only = header[len(bos):] if bos and header.startswith(bos) else header
+    before_user = plain.split(user, 1)[0]
+    if not header_only.strip() or header_only not in before_user:
+        return None
+    start = before_user.index(header_only)
+    # with a system message the user turn follows its content after ``between`` (the system block's end
+    # and the user header); the injected block is what comes before that
+    between = with_system.split(system, 1)[1].split(user, 1)[0]
+    end = len(before_user) - len(between) if between and before_user.endswith(between) else len(before_user)
+    return before_user[start:end] or None
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 def _special_in_content(conv, pattern, report) -> bool:

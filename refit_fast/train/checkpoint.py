@@ -412,7 +412,7 @@ def recover_interrupted_saves(output_dir: str) -> list[str]:
 # What decides a run's result (device, precision, logging, checkpointing, threads and the distributed
 # engine are left out: changing them is how a stopped run is moved or watched).
 _RESULT_KEYS = ("seed", "algorithm", "steps", "epochs")
-_RESULT_SECTIONS = {"model": ("path", "config", "init_from"), "tokenizer": None, "data": None, "batch": None,
+_RESULT_SECTIONS = {"model": ("path", "config", "init_from", "dtype"), "tokenizer": None, "data": None, "batch": None,
                     "optim": None, "objective": None}
 
 

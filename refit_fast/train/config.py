@@ -35,6 +35,9 @@ ALGORITHMS = ("sft", "filtered_sft", "star_gate", "refit", "swift", "dpo")
 SWIFT_STATS = ("group", "step", "dataset")
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "auto")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message names the key."""
 
@@ -46,6 +49,9 @@ class ModelConfig:
     init_from: str | None = None  # weights to start from (a save_pretrained or checkpoint-N dir)
     attn_backend: str = "auto"  # auto | flash | torch_varlen | sdpa
     gradient_checkpointing: bool = False
+    # the dtype the weights are held, trained and saved in: float32 (fp32 weights, optimizer state and
+    # final/), bfloat16, or auto (the dtype model.path / init_from was saved in; float32 for model.config)
+    dtype: str = "float32"
 
 
 @dataclass
@@ -216,6 +222,7 @@ class TrainConfig:
                 raise ConfigError(f"config {key}: {msg}") from None
 
         rule("model.attn_backend", check_backend_name, m.attn_backend, "model.attn_backend")
+        need(m.dtype in MODEL_DTYPES, "model.dtype", f"must be one of {list(MODEL_DTYPES)}, got {m.dtype!r}")
         need(self.tokenizer.kind in ("auto", "word", "none", "path"), "tokenizer",
              f"must be auto, word, none or a local path, got {self.tokenizer.kind!r}")
         need(self.tokenizer.kind != "path" or bool(self.tokenizer.path), "tokenizer.path", "is missing")

@@ -135,6 +135,7 @@ def _train(cfg: TrainConfig, on_step) -> TrainResult:
     # ---- model ----
     model = _build_model(cfg, tokenizer, device)
     _check_vocab(model, data, tokenizer)
+    _check_positions(model, data, schedule)
     if device.type == "cpu" and cfg.cpu_threads == 0 and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
         # Tiny models are overhead-bound: extra intra-op threads only add barriers, and on a busy
         # machine a descheduled OpenMP thread made steps ~50x slower (560 ms vs 10 ms measured).
@@ -394,7 +395,8 @@ def _build_model(cfg: TrainConfig, tokenizer, device):
     source = m.init_from or m.path
     if source:
         with ckpt.quiet_transformers():
-            model = load_model(source, attn_backend=m.attn_backend, dtype=torch.float32, local_files_only=True)
+            model = load_model(source, attn_backend=m.attn_backend, dtype=_saved_dtype(source, m.dtype),
+                               local_files_only=True)
     else:
         conf = dict(m.config)
         if "vocab_size" not in conf:
@@ -402,7 +404,42 @@ def _build_model(cfg: TrainConfig, tokenizer, device):
                 raise ConfigError("model.config needs vocab_size when the data is pre-tokenized and there is no tokenizer")
             conf["vocab_size"] = len(tokenizer)
         model = build_model_from_config(conf, seed=cfg.seed, attn_backend=m.attn_backend)
+        if m.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
     return model.to(device)
+
+
+def _saved_dtype(source: str, setting: str) -> torch.dtype:
+    """model.dtype as a torch dtype; ``auto``: the dtype ``source``'s config.json records (float32 if none)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    import json
+
+    try:
+        with open(os.path.join(source, "config.json")) as f:
+            conf = json.load(f)
+    except (OSError, ValueError):
+        return torch.float32
+    name = conf.get("dtype") or conf.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _check_positions(model, data: TrainData, schedule: Schedule) -> None:
+    """Refuse conversations longer than the model's position table (``max_position_embeddings``): in a
+    packed row positions restart with every conversation, so only a conversation's own length counts."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    kept = schedule.plan(0).expand(schedule.unit_offsets, schedule.unit_items).items  # what training packs
+    lengths = data.flat.lengths[kept]
+    too_long = kept[lengths > limit]
+    if len(too_long):
+        first = int(too_long[0])
+        raise ConfigError(
+            f"{len(too_long)} conversations are longer than the model's max_position_embeddings={limit}, e.g. "
+            f"{data.ids[first]} ({int(data.flat.lengths[first])} tokens); set batch.max_tokens <= {limit} so that "
+            "data.overlong (drop, error or truncate_turns) handles them")
 
 
 def _check_vocab(model, data: TrainData, tokenizer) -> None:
