@@ -53,14 +53,19 @@ torch.set_num_threads({threads})
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
-def rss_file():
+def status(key):
     with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssFile:"))
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(key + ":"))
 {setup}
-before, file_before = rss(), rss_file()
+try:  # reset the high-water mark, so that a peak during setup does not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before, file_before = rss(), status("RssFile")
 {code}
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-file_growth = max(0, rss_file() - file_before)
+peak = status("VmHWM")
+file_growth = max(0, status("RssFile") - file_before)
 print(json.dumps(dict(before=before, peak=peak, file_growth=file_growth, extra=peak - before - file_growth)))
 """
 
@@ -70,9 +75,12 @@ def peak_rss(setup: str, code: str, *, paths=(), threads: int = 2, timeout: floa
 
     `setup` builds the inputs and should warm the code paths up on small tensors (avoid large
     temporaries there: a peak during setup would count), `code` runs the computation. Returns
-    {"before", "peak", "file_growth", "extra"} in bytes: extra = the process's peak RSS (ru_maxrss)
-    minus its RSS after setup, minus the growth of its file-backed resident pages (shared-library
-    code paged in during `code`, which depends on the page cache, not on tensors). Large CPU tensors
+    {"before", "peak", "file_growth", "extra"} in bytes: extra = the process's peak RSS (VmHWM,
+    reset after setup where /proc/self/clear_refs allows) minus its RSS after setup, minus the
+    growth of its file-backed resident pages (shared-library code paged in during `code`, which
+    depends on the page cache, not on tensors). Not ru_maxrss: Linux carries the parent's RSS at
+    fork over to the child's ru_maxrss across exec, so under a large pytest process it would
+    measure the parent. Large CPU tensors
     are their own mmap'd blocks, given back to the system when freed, so RSS follows the live tensors."""
     import json
     import subprocess
