@@ -369,7 +369,8 @@ def _reset_peak_rss() -> bool:
 def cpu_memory(name: str, n: int, d: int, v: int, seed: int = 0) -> dict:
     """Run in a fresh process (see cpu_memory_subprocess): the peak memory of one forward+backward
     of `name` beyond its inputs and their gradients, as peak RSS (VmHWM after a reset, minus the RSS
-    before) and, where the contender is not compiled, as the peak of live tensor storages
+    before, minus the growth of file-backed resident pages: library code paged in) and, where the
+    contender is not compiled, as the peak of live tensor storages
     (tests/memtrack.py). A warm-up first (a tiny batch; the real shape for compiled contenders, so
     that compilation is not counted) loads the libraries."""
     import gc
@@ -387,7 +388,7 @@ def cpu_memory(name: str, n: int, d: int, v: int, seed: int = 0) -> dict:
     grad_bytes = h.numel() * h.element_size() + W.numel() * W.element_size()
     if not _reset_peak_rss():
         raise RuntimeError("cannot reset the peak RSS here (/proc/self/clear_refs): no memory numbers")
-    base = _status_kb("VmRSS") * 1024
+    base, file_base = _status_kb("VmRSS") * 1024, _status_kb("RssFile") * 1024
     tensor_peak = None
     if compiled:
         fn(h, W, y).backward()
@@ -399,7 +400,9 @@ def cpu_memory(name: str, n: int, d: int, v: int, seed: int = 0) -> dict:
             fn(h, W, y).backward()
         tensor_peak = m.peak
     peak = _status_kb("VmHWM") * 1024
-    return dict(method=name, N=n, D=d, V=v, rss_extra_bytes=int(peak - base - grad_bytes),
+    file_growth = max(0, _status_kb("RssFile") * 1024 - file_base)  # library code paged in: not tensors
+    return dict(method=name, N=n, D=d, V=v, rss_extra_bytes=int(peak - base - grad_bytes - file_growth),
+                rss_file_growth_bytes=int(file_growth),
                 tensor_extra_bytes=None if tensor_peak is None else int(tensor_peak - grad_bytes),
                 full_logits_bytes=n * v * 4)
 

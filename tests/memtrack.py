@@ -53,21 +53,35 @@ torch.set_num_threads({threads})
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(key + ":"))
 {setup}
-before = rss()
+try:  # reset the high-water mark, so that a peak during setup does not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before, file_before = rss(), status("RssFile")
 {code}
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(before=before, peak=peak, extra=peak - before)))
+peak = status("VmHWM")
+file_growth = max(0, status("RssFile") - file_before)
+print(json.dumps(dict(before=before, peak=peak, file_growth=file_growth, extra=peak - before - file_growth)))
 """
 
 
 def peak_rss(setup: str, code: str, *, paths=(), threads: int = 2, timeout: float = 600) -> dict:
     """Peak resident memory of `code` in a fresh Python process, beyond what `setup` left resident.
 
-    `setup` builds the inputs (avoid temporaries there: a peak during setup would count), `code`
-    runs the computation. Returns {"before", "peak", "extra"} in bytes: extra = the process's peak
-    RSS (ru_maxrss) minus its RSS after setup. Large CPU tensors are their own mmap'd blocks, given
-    back to the system when freed, so RSS follows the live tensors."""
+    `setup` builds the inputs and should warm the code paths up on small tensors (avoid large
+    temporaries there: a peak during setup would count), `code` runs the computation. Returns
+    {"before", "peak", "file_growth", "extra"} in bytes: extra = the process's peak RSS (VmHWM,
+    reset after setup where /proc/self/clear_refs allows) minus its RSS after setup, minus the
+    growth of its file-backed resident pages (shared-library code paged in during `code`, which
+    depends on the page cache, not on tensors). Not ru_maxrss: Linux carries the parent's RSS at
+    fork over to the child's ru_maxrss across exec, so under a large pytest process it would
+    measure the parent. Large CPU tensors
+    are their own mmap'd blocks, given back to the system when freed, so RSS follows the live tensors."""
     import json
     import subprocess
     import sys
@@ -79,3 +93,30 @@ def peak_rss(setup: str, code: str, *, paths=(), threads: int = 2, timeout: floa
     if proc.returncode != 0:
         raise RuntimeError(f"peak_rss: the child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_weighted_ce_rss(N: int, D: int, V: int, root: str) -> dict:
+    """Extra peak RSS of weighted_ce (impl="torch") and of the plain materializing PyTorch loss
+    (refit_fast.ops.reference), forward + backward, fp32, each in a fresh process."""
+    setup = (f"g = torch.Generator().manual_seed(0)\n"
+             f"h = torch.randn({N}, {D}, generator=g).requires_grad_()\n"
+             f"W = torch.randn({V}, {D}, generator=g).div_({D}**0.5).requires_grad_()\n"
+             f"y = torch.randint(0, {V}, ({N},), generator=g)\n")
+    warm = ("h0 = torch.randn(8, 64).requires_grad_()\nW0 = torch.randn(100, 64).requires_grad_()\n"
+            "y0 = torch.randint(0, 100, (8,))\n{fn}(h0, W0, y0{kw}).backward()\ndel h0, W0, y0\n")
+    ours = peak_rss("from refit_fast import weighted_ce\n" + warm.format(fn="weighted_ce", kw=", impl='torch'") + setup,
+                    "weighted_ce(h, W, y, impl='torch').backward()", paths=[root], timeout=3600)
+    plain = peak_rss("from refit_fast.ops.reference import weighted_ce_reference\n"
+                     + warm.format(fn="weighted_ce_reference", kw="") + setup,
+                     "weighted_ce_reference(h, W, y).backward()", paths=[root], timeout=3600)
+    return dict(N=N, D=D, V=V, ours=ours["extra"], plain=plain["extra"], ratio=ours["extra"] / plain["extra"],
+                file_growth=(ours["file_growth"], plain["file_growth"]))
+
+
+if __name__ == "__main__":  # python tests/memtrack.py [N D V]: issue #14's CPU measurement (default 1024 2048 128256)
+    import json
+    import os
+    import sys
+
+    shape = [int(x) for x in sys.argv[1:4]] or [1024, 2048, 128256]
+    print(json.dumps(compare_weighted_ce_rss(*shape, root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))

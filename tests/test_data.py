@@ -431,3 +431,153 @@ def test_a_default_system_prompt_is_reported_with_counts():
     assert "You are a helpful" in report.summary()
     out, report = tokenize_conversations(load_conversations(rows)[0], bpe, chat_template=CHATML, progress=False)
     assert "default_system_prompt" not in report.warnings
+
+
+# --- templates that break the prefix property: checked per-turn masks -------------------------------
+
+# Qwen3-like: earlier assistant turns lose their <think> block, every content is trimmed.
+DROPS_THINKING = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+                  "<|im_start|>assistant\n{{ m['content'].split('</think>')[-1] | trim }}<|im_end|>\n"
+                  "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _bpe_gluing_newline_space():
+    """Byte-level BPE that learned the merge 'Ċ' + 'Ġ' (newline then space), as SmolLM2's has: content
+    starting with two spaces after the header's newline tokenizes as 'ĊĠ' 'Ġhello'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    corpus = [" ".join(WORDS)] * 3 + ["user\n  hello there\n assistant\n  there\n"] * 3
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+def _marked(tokenizer, t):
+    return list(zip(tokenizer.convert_ids_to_tokens(t.input_ids.tolist()), t.loss_mask.tolist()))
+
+
+def test_per_turn_mask_for_content_starting_with_spaces():
+    bpe = _bpe_gluing_newline_space()
+    rows = [chat(("user", "hello"), ("assistant", "  hello there"), ("user", "w1"), ("assistant", "w2 w3"))]
+    out, report = tokenize_conversations(load_conversations(rows)[0], bpe, progress=False)
+    assert len(out) == 1 and report.skipped == {} and report.warnings == {"per_turn_mask": 1}
+    assert "dataset[0]" in report.summary() and "message 1 exact, message 3 exact" in report.summary()
+    # by hand: 'ĊĠ' holds the header's newline and the content's first space: context, not target
+    assert _marked(bpe, out[0]) == [
+        ("<|im_start|>", 0), ("user", 0), ("Ċ", 0), ("hel", 0), ("lo", 0), ("<|im_end|>", 0), ("Ċ", 0),
+        ("<|im_start|>", 0), ("as", 0), ("sistan", 0), ("t", 0), ("ĊĠ", 0),
+        ("Ġhello", 1), ("Ġthere", 1), ("<|im_end|>", 1), ("Ċ", 1),
+        ("<|im_start|>", 0), ("user", 0), ("Ċ", 0), ("w", 0), ("1", 0), ("<|im_end|>", 0), ("Ċ", 0),
+        ("<|im_start|>", 0), ("as", 0), ("sistan", 0), ("t", 0), ("Ċ", 0),
+        ("w", 1), ("2", 1), ("Ġw", 1), ("3", 1), ("<|im_end|>", 1), ("Ċ", 1)]
+    assert out[0].input_ids.tolist() == bpe.apply_chat_template(rows[0]["messages"], tokenize=True,
+                                                                return_dict=True)["input_ids"]
+
+
+def test_per_turn_mask_for_a_template_dropping_earlier_reasoning():
+    bpe = _bpe_tokenizer(DROPS_THINKING)
+    rows = [chat(("user", "hello"), ("assistant", "<think>w5 w6</think>\n\nhello there"), ("user", "w1"),
+                 ("assistant", "<think>w7</think> w2 w3 ")),
+            chat(("user", "hello"), ("assistant", "there"))]  # one turn: the exact path
+    out, report = tokenize_conversations(load_conversations(rows)[0], bpe, progress=False)
+    assert len(out) == 2 and report.skipped == {}
+    assert report.warnings == {"per_turn_mask": 1, "assistant_text_dropped": 1}
+    s = report.summary()
+    assert "message 1 as its last 11 characters, message 3 trimmed" in s and "without '<think>w5 w6</think>\\n\\n'" in s
+    text = bpe.apply_chat_template(rows[0]["messages"], tokenize=False)
+    assert text.count("hello there<|im_end|>") == 1 and "w5" not in text  # what the model sees is what is trained
+    # by hand: the rendered text of each turn and its end of turn, never the headers or user turns
+    assert masked_pieces(bpe, out[0]) == ["hello there<|im_end|>\n", "<think>w7</think> w2 w3<|im_end|>\n"]
+    ids = bpe(text, add_special_tokens=False)["input_ids"]
+    want = np.zeros(len(ids), dtype=np.uint8)
+    for piece in ("hello there<|im_end|>\n", "<think>w7</think> w2 w3<|im_end|>\n"):
+        a = text.index(piece)
+        lo = len(bpe(text[:a], add_special_tokens=False)["input_ids"])
+        hi = len(bpe(text[:a + len(piece)], add_special_tokens=False)["input_ids"])
+        want[lo:hi] = 1  # both boundaries are token boundaries here (a special token / after 'Ċ')
+    assert out[0].input_ids.tolist() == ids and out[0].loss_mask.tolist() == want.tolist()
+    # train: false on the rewritten turn: only the last one is trained
+    rows[0]["messages"][1]["train"] = False
+    [t, _], report = tokenize_conversations(load_conversations(rows)[0], bpe, progress=False)
+    assert masked_pieces(bpe, t) == ["<think>w7</think> w2 w3<|im_end|>\n"]
+
+
+def test_trimming_template_masks_the_trimmed_content():
+    trim = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    bpe = _bpe_tokenizer(trim)
+    rows = [chat(("user", " hello "), ("assistant", "  hello there \n"), ("user", "w1"), ("assistant", " w2"))]
+    convs, _ = load_conversations(rows)
+    out, report = tokenize_conversations(convs, bpe, progress=False)
+    assert report.ok and report.warnings == {}  # trimming keeps the prefix property: the exact path
+    assert masked_pieces(bpe, out[0]) == ["hello there<|im_end|>\n", "w2<|im_end|>\n"]
+    # the per-turn path, run on the same conversation, finds the same mask and says the turns were trimmed
+    from refit_fast.data.tokenization import _ChatEncoder, _per_turn_mask
+
+    enc = _ChatEncoder(bpe, trim)
+    text = enc.render([convs[0].messages], False)[0]
+    [(ids, offsets)] = enc.encode_with_offsets([text])
+    mask, notes = _per_turn_mask(convs[0], [1, 3], enc, text, ids, offsets)
+    assert mask.tolist() == out[0].loss_mask.tolist()
+    assert [(k, how) for k, how, _ in notes] == [(1, "trimmed"), (3, "trimmed")]
+
+
+def test_per_turn_mask_equals_the_exact_path_where_both_work(tok):
+    from refit_fast.data.tokenization import _ChatEncoder, _per_turn_mask
+
+    for tokenizer, template in ((_bpe_tokenizer(CHATML), CHATML), (tok, tok.chat_template)):
+        convs, _ = load_conversations(random_rows(60, seed=5))
+        out, report = tokenize_conversations(convs, tokenizer, progress=False)
+        assert report.ok and not report.warnings
+        enc = _ChatEncoder(tokenizer, template)
+        for c, t in zip(convs, out):
+            text = enc.render([c.messages], False)[0]
+            [(ids, offsets)] = enc.encode_with_offsets([text])
+            mask, notes = _per_turn_mask(c, [k for k, x in enumerate(c.train) if x], enc, text, ids, offsets)
+            assert mask is not None, notes
+            assert list(ids) == t.input_ids.tolist() and mask.tolist() == t.loss_mask.tolist()
+            assert all(how == "exact" for _, how, _ in notes)
+
+
+def test_turns_that_cannot_be_located_are_still_skipped(tok):
+    bpe = _bpe_tokenizer(CHATML)
+    rows = [chat(("user", "hello"), ("assistant", "hello there"), ("user", "w1"), ("assistant", "w2 w3"))]
+    convs, _ = load_conversations(rows)
+    earlier = "{% if m['role'] == 'assistant' and not loop.last %}"
+    cases = {  # template -> what the report says
+        # an earlier turn rewritten (not trimmed, not shortened): cannot be checked
+        CHATML.replace("{{ m['content'] }}", earlier + "{{ m['content'] | replace('there', 'w9') }}{% else %}"
+                       "{{ m['content'] }}{% endif %}"): "renders it as 'hello w9', not its content",
+        # content rendered twice
+        CHATML.replace("{{ m['content'] }}", earlier + "{{ m['content'] }} {{ m['content'] }}{% else %}"
+                       "{{ m['content'] }}{% endif %}"): "does not render its content once",
+        # an earlier turn's end of turn differs from the one written when it ends the chat
+        CHATML.replace("{{ m['content'] }}<|im_end|>", earlier + "{{ m['content'] }}<|endoftext|>{% else %}"
+                       "{{ m['content'] }}<|im_end|>{% endif %}"): "is not the end of turn",
+    }
+    for template, says in cases.items():
+        out, report = tokenize_conversations(convs, bpe, chat_template=template, progress=False)
+        assert out == [] and report.skipped == {"template_mismatch": 1} and not report.warnings, template
+        assert "per-turn masking failed" in report.summary() and says in report.summary(), report.summary()
+        with pytest.raises(DataError, match="template_mismatch"):
+            tokenize_conversations(convs, bpe, chat_template=template, progress=False, strict=True)
+    # a tokenizer without offsets (slow, or the public path) cannot be checked turn by turn
+    from refit_fast.data.tokenization import _ChatEncoder, _per_turn_mask
+
+    enc = _ChatEncoder(bpe, CHATML)
+    enc.backend = None
+    assert _per_turn_mask(convs[0], [1, 3], enc, "", [], None) == (None, "it needs a fast tokenizer's token offsets")
+    # a token holding both the header's text and the content's stays a mismatch (see the space-ending test)
+    tpl = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}"
+           "Assistant: {{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}Assistant: {% endif %}")
+    out, report = tokenize_conversations(load_conversations([chat(("user", "hello"), ("assistant", "hello there"))])[0],
+                                         _bpe_tokenizer(tpl), progress=False)
+    assert out == [] and "holds both this turn's text and the text next to it" in report.summary()

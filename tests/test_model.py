@@ -22,6 +22,7 @@ from refit_fast.model import (
     build_model_from_config,
     check_backend_name,
     concat_cu_seqlens,
+    enable_checkpointing,
     load_model,
     output_embedding,
     packed_hidden_states,
@@ -492,3 +493,148 @@ def test_cuda_autocast_fp32_model_runs_a_varlen_kernel(monkeypatch):
     assert chosen[0] in ("flash", "torch_varlen"), chosen
     n_real = int(cu[len(convs)])
     torch.testing.assert_close(h[:n_real].float(), ref[:n_real].float(), atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CPU SDPA path attends block by block (#15 item 5): exact in float64 against each conversation
+# alone, outputs and gradients; no T x T mask; masks only for blocks of short conversations / windows.
+# ---------------------------------------------------------------------------------------------------
+# Long ones alone, runs of tiny ones merged (one run longer than BLOCK_TOKENS, so it splits), an empty
+# segment, a padding tail of 3.
+MIXED = [40, 3, 9, 0, 2, 30, 17, 5, 15, 15, 15, 15, 15, 1]
+
+
+def plain_attention(q, k, v, scale, window=None):
+    """Causal softmax attention written out, one conversation [H, L, D] (k/v [H_kv, L, D])."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    n = q.shape[1]
+    i = torch.arange(n)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window
+    s = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+def _qkv64(total, hq=4, hkv=2, d=8, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h: torch.randn(batch, h, total, d, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+
+
+def _grads_of(out, upstream, *inputs):
+    return torch.autograd.grad(out, inputs, upstream)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("kernel", ["blocks", "blocks_repeat_kv", "dense"])
+def test_cpu_sdpa_equals_each_conversation_alone_float64(kernel, window):
+    lengths = MIXED
+    total = sum(lengths)
+    q, k, v = _qkv64(total)
+    meta = PackedAttentionMeta.build(_cu(lengths), None, batch=1, seqlen=total, backend="sdpa")
+    fn = {"blocks": attn_mod._sdpa_blocks, "dense": attn_mod._sdpa_dense,
+          "blocks_repeat_kv": lambda *a: attn_mod._sdpa_blocks(*a, enable_gqa=False)}[kernel]
+    out = fn(q, k, v, meta, 0.3, 0.0, window)  # [1, T, H, D]
+    assert out.shape == (1, total, 4, 8)
+    up = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gq, gk, gv = _grads_of(out, up, q, k, v)
+    ref, c = [], 0
+    for n in lengths:
+        ref.append(plain_attention(q[0, :, c:c + n], k[0, :, c:c + n], v[0, :, c:c + n], 0.3, window))
+        c += n
+    ref = torch.cat(ref, 1).transpose(0, 1)[None]  # [1, T, H, D]
+    rq, rk, rv = _grads_of(ref, up, q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for g, r in ((gq, rq), (gk, rk), (gv, rv)):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
+
+
+def test_cpu_sdpa_rows_cut_segments_at_row_boundaries_float64():
+    """Two rows; without validation a segment may run over the row boundary: each row attends alone,
+    as the [B, 1, T, T] mask did."""
+    seqlen = 50
+    cu = torch.tensor([0, 7, 41, 62, 100], dtype=torch.int32)  # 41..62 crosses the boundary at 50
+    q, k, v = _qkv64(seqlen, batch=2)
+    meta = PackedAttentionMeta.build(cu, None, batch=2, seqlen=seqlen, backend="sdpa", validate=False)
+    assert attn_mod.row_segments(meta.cu_seqlens, 2, seqlen) == [[7, 34, 9], [12, 38]]
+    out = attn_mod._sdpa_blocks(q, k, v, meta, None, 0.0, None)
+    dense = attn_mod._sdpa_dense(q, k, v, meta, None, 0.0, None)
+    up = torch.randn(out.shape, dtype=torch.float64)
+    torch.testing.assert_close(out, dense, atol=1e-12, rtol=0)
+    for g, r in zip(_grads_of(out, up, q, k, v), _grads_of(dense, up, q, k, v)):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
+    ref = plain_attention(q[1, :, 0:12], k[1, :, 0:12], v[1, :, 0:12], 8 ** -0.5)
+    torch.testing.assert_close(out[1, :12], ref.transpose(0, 1), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_packed_model_float64_equals_each_conversation_alone(model_type):
+    """Whole model in float64 on the CPU path, long and tiny conversations mixed: log-probs and every
+    parameter gradient equal the unmodified HF model run on each conversation alone."""
+    lengths = [40, 3, 9, 2, 30, 17, 5, 1]
+    convs, ids, pos, cu, max_len = make_row(lengths, pad=4)
+    model = make_model(model_type, dtype=torch.float64)
+    # HF's own attention on each conversation alone (reference_logprobs would cast to fp32).
+    ref_lp = [torch.log_softmax(model(input_ids=c[None], use_cache=False).logits[0], -1) for c in convs]
+    assert ref_lp[0].dtype == torch.float64
+    ref_loss = sum(next_token_loss(lp, c) for lp, c in zip(ref_lp, convs))
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    prepare_model(model, "sdpa")
+    hidden = packed_hidden_states(model, ids, pos, cu, max_len)
+    weight, _ = output_embedding(model)
+    lp = torch.log_softmax(hidden @ weight.t(), -1)  # float64 throughout (logprobs() would cast to fp32)
+    loss = 0
+    for i, c in enumerate(convs):
+        seg = lp[int(cu[i]): int(cu[i + 1])]
+        torch.testing.assert_close(seg, ref_lp[i], atol=1e-10, rtol=0)
+        loss = loss + next_token_loss(seg, c)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-10, rtol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-10, rtol=1e-9, msg=lambda m: f"{n}: {m}")
+
+
+def test_group_segments_rule():
+    g = attn_mod.group_segments
+    assert g([]) == [] and g([0, 0]) == []
+    assert g([16, 15, 15, 16]) == [[16], [15, 15], [16]]  # 16 = SMALL_SEGMENT: alone
+    assert g([15] * 5) == [[15, 15, 15, 15], [15]]  # 60 tokens fit BLOCK_TOKENS=64, 75 do not
+    assert g([1] * 64 + [1]) == [[1] * 64, [1]]
+    assert g([5, 100, 5]) == [[5], [100], [5]]  # a long conversation ends a block
+    assert g([5, 0, 5]) == [[5, 5]]
+    assert (attn_mod.SMALL_SEGMENT, attn_mod.BLOCK_TOKENS) == (16, 64)  # the measured rule (NOTES.md)
+    # Every token lands in exactly one block, in order.
+    lengths = MIXED
+    assert [n for grp in g(lengths) for n in grp] == [n for n in lengths if n]
+
+
+def test_cpu_path_builds_no_row_mask_and_block_masks_once_per_forward(monkeypatch):
+    built = []
+    real = attn_mod.block_causal_mask
+    monkeypatch.setattr(attn_mod, "block_causal_mask", lambda cu, b, t, w=None: built.append(t) or real(cu, b, t, w))
+    model = build_model_from_config(tiny_config("llama", num_hidden_layers=3), attn_backend="sdpa")
+    enable_checkpointing(model)
+    model.train()
+    # Long conversations only: plain causal SDPA per conversation, no mask tensor at all.
+    _, ids, pos, cu, max_len = make_row([40, 30, 17], pad=20)
+    packed_hidden_states(model, ids, pos, cu, max_len).sum().backward()
+    assert built == []
+    # Short ones in blocks: one small mask per multi-conversation block, shared by 3 layers and recomputation.
+    _, ids, pos, cu, max_len = make_row([40, 3, 9, 2, 30, 15, 15, 15, 15, 15], pad=0)
+    packed_hidden_states(model, ids, pos, cu, max_len).sum().backward()
+    assert built == [14, 60]  # [3, 9, 2] and four 15s; the fifth 15 attends alone
+    # A sliding window longer conversations exceed gets a windowed mask of their own length instead.
+    built.clear()
+    meta = PackedAttentionMeta.build(cu, None, batch=1, seqlen=int(cu[-1]), backend="sdpa")
+    sizes, masks = meta.blocks(sliding_window=20)[0]
+    assert sizes == [40, 14, 30, 60, 15] and built == [40, 14, 30, 60]
+    assert masks[0].sum(-1).max() == 20 and masks[-1] is None
+    assert meta.blocks(sliding_window=20)[0][1] is masks and len(built) == 4  # cached

@@ -42,6 +42,10 @@ WARNINGS = {
     "first_token_trained": "loss_mask[0] was 1; cleared, the first token has no context",
     "default_system_prompt": "no system message, so the chat template adds its default system prompt "
                              "(the policy is trained with it; row kept)",
+    "per_turn_mask": "the chat template breaks the prefix property here, so the turns were masked one by one "
+                     "from the token offsets, each span verified against the rendered text (row kept)",
+    "assistant_text_dropped": "the chat template renders only the end of an assistant message (e.g. without "
+                              "its reasoning block); the rendered part is trained (row kept)",
 }
 _EXAMPLES_PER_REASON = 3
 

@@ -3,9 +3,15 @@
 Most stock chat templates have no `{% generation %}` markers, so spans come from prefixes: for an
 assistant message k, the tokens of `messages[:k]` rendered with the generation prompt end where
 turn k's content starts, and the tokens of `messages[:k+1]` end where the turn (content and
-end-of-turn tokens) ends. Both must be token prefixes of the whole conversation's tokens; a template
-that breaks this (e.g. one that rewrites earlier turns) gets the conversation reported as
-`template_mismatch`, never a guessed mask.
+end-of-turn tokens) ends. Both must be token prefixes of the whole conversation's tokens.
+
+A conversation that breaks this (a template that rewrites earlier turns, such as one dropping their
+`<think>` blocks; content starting with spaces that the tokenizer glues to the role header's newline)
+is masked turn by turn instead, and still checked (`_per_turn_mask`): each trained turn's rendered text
+is located in the whole text by rendering the conversation with that message's content replaced by
+a sentinel, its tokens are taken from the token offsets, and both the text and the tokens are
+verified; the conversation is counted as a `per_turn_mask` warning. One whose turns cannot all be
+located and verified is reported as `template_mismatch`, never trained on a guessed mask.
 """
 from __future__ import annotations
 
@@ -80,7 +86,12 @@ def tokenize_conversations(
     each such row is counted as a `special_token_in_content` warning (row kept, the first locations
     shown), or a problem in strict mode.
 
-    Turn boundaries come from rendered prefixes and must satisfy the prefix property. With a fast
+    Turn boundaries come from rendered prefixes. A conversation whose prefixes break the prefix
+    property is masked turn by turn from the token offsets (fast tokenizers), each turn's span
+    verified (see `_per_turn_mask`), and counted as a `per_turn_mask` warning (plus
+    `assistant_text_dropped` where the template rendered only the end of an assistant message, e.g.
+    without its reasoning block: the rendered part is what is trained); it is `template_mismatch` only
+    when that fails too. With a fast
     tokenizer a boundary is settled from the conversation's token offsets when the prefix is a
     character prefix ending exactly at a token end (the common case, one tokenization per
     conversation); any other boundary, and every boundary with `exact_prefix=True`, is checked by
@@ -335,13 +346,13 @@ def _tokenize_chunk(chunk: Sequence[Conversation], enc: _ChatEncoder, report, ex
                     n = prefix
                 pair.append(n)
             bounds.append(pair)
-        work.append((i, turns, ids, bounds))
+        work.append((i, turns, ids, bounds, text, offsets))
 
     # Pass 2: tokenize the unsettled prefixes in one batch (each distinct text once).
     if pending:
         for prefix, ids in zip(pending, enc.encode(list(pending))):
             pending[prefix] = ids
-    for i, turns, ids, bounds in work:
+    for i, turns, ids, bounds, text, offsets in work:
         conv, full = chunk[i], list(ids)
         mask = np.zeros(len(full), dtype=np.uint8)
         for k, (start, end) in zip(turns, bounds):
@@ -349,16 +360,138 @@ def _tokenize_chunk(chunk: Sequence[Conversation], enc: _ChatEncoder, report, ex
             if s is None or e is None or e < s:
                 what = "generation-prompt prefix" if s is None else "prefix ending with this turn"
                 pre = pending[start] if s is None else pending.get(end) if isinstance(end, str) else None
-                report.problem(
-                    "template_mismatch", conv.location,
-                    f"assistant message {k}: the tokens of the {what} are not a prefix of the conversation's tokens"
-                    + (f"; {_diff(enc.tok, full, pre)}" if pre is not None else ""),
-                )
+                why = (f"assistant message {k}: the tokens of the {what} are not a prefix of the conversation's tokens"
+                       + (f"; {_diff(enc.tok, full, pre)}" if pre is not None else ""))
+                mask, notes = _per_turn_mask(conv, turns, enc, text, full, offsets)
+                if mask is None:
+                    report.problem("template_mismatch", conv.location, f"{why}; per-turn masking failed: {notes}")
+                    break
+                report.warn("per_turn_mask", conv.location, f"{why}; masked turn by turn: " +
+                            ", ".join(f"message {k2} {how}" for k2, how, _ in notes))
+                for k2, how, dropped in notes:
+                    if dropped:
+                        report.warn("assistant_text_dropped", conv.location,
+                                    f"message {k2}: the template renders it {how}, without {_clip(dropped)}")
+                results[i] = (full, mask)
                 break
             mask[s:e] = 1
         else:
             results[i] = (full, mask)
     return results
+
+
+# Stands in for one message's content to locate where the template puts it: plain lowercase letters,
+# which trimming, splitting on tags and the like leave alone.
+_SENTINEL = "refitfastturnsentinel"
+
+
+def _per_turn_mask(conv, turns, enc, text: str, ids: list[int], offsets):
+    """The loss mask of a conversation whose prefixes break the prefix property, turn by turn, checked.
+
+    Returns `(mask, notes)` with one `(message index, how it was rendered, dropped text)` per trained
+    turn, or `(None, why)`. For each trained assistant message k, in order:
+
+    1. Locate. The conversation is rendered with message k's content replaced by a sentinel; the
+       sentinel must appear exactly once, and the text before and after it must be the whole text's
+       own start and end (so rendering message k changes nothing else). What lies between is the
+       template's rendering of message k, `X`.
+    2. Check the text. `X` must be the content itself, the content with whitespace trimmed off its
+       ends, or its end (the template dropped a leading part, e.g. a `<think>` block: reported as
+       `assistant_text_dropped`; `X` must then hold non-whitespace text).
+    3. End of turn. `messages[:k+1]` rendered with the sentinel gives what the template writes after
+       message k when it ends the chat (the end-of-turn token and what follows it, the exact path's
+       rule); the whole text must continue with exactly that right after `X`.
+    4. Tokens. The trained tokens are those whose offsets lie inside `X` plus the end-of-turn text;
+       they must be consecutive, follow the previous turn's, cover every non-whitespace character of
+       it, and decode to it (whitespace aside; normalized as the tokenizer normalizes; not checked
+       where a token is unknown); a token reaching across either edge may hold only whitespace of
+       the turn (it stays untrained: the role header's newline glued to the content's leading
+       spaces), never its text.
+    """
+    if offsets is None or enc.backend is None:
+        return None, "it needs a fast tokenizer's token offsets"
+    msgs, last = conv.messages, len(conv.messages) - 1
+    if _SENTINEL in text:
+        return None, "the conversation holds the sentinel text"
+    swapped = [[{**m, "content": _SENTINEL} if j == k else m for j, m in enumerate(msgs)] for k in turns]
+    try:
+        located = enc.render(swapped, False)
+        ending = iter(enc.render([sw[: k + 1] for k, sw in zip(turns, swapped) if k != last], False))
+    except Exception as e:
+        return None, f"the template failed on the sentinel: {type(e).__name__}: {e}"
+    st = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(offsets))
+    en = np.fromiter((b for _, b in offsets), dtype=np.int64, count=len(offsets))
+    normalizer = getattr(enc.backend, "normalizer", None)
+    unk = getattr(enc.tok, "unk_token_id", None)
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    notes, pos, next_token = [], 0, 0
+    for k, rendered in zip(turns, located):
+        where = f"assistant message {k}"
+        if rendered.count(_SENTINEL) != 1:
+            return None, f"{where}: the template does not render its content once, verbatim"
+        cut = rendered.index(_SENTINEL)
+        before, after = rendered[:cut], rendered[cut + len(_SENTINEL):]
+        if not (text.startswith(before) and text.endswith(after) and len(before) + len(after) <= len(text)):
+            return None, f"{where}: changing its content changes the rest of the rendered conversation"
+        x0, x1 = len(before), len(text) - len(after)
+        how, dropped = _rendered_as(msgs[k]["content"], text[x0:x1])
+        if how is None:
+            return None, f"{where}: the template renders it as {_clip(text[x0:x1])}, not its content"
+        if k == last:
+            eot = after
+        else:
+            alone = next(ending)
+            if alone.count(_SENTINEL) != 1:
+                return None, f"{where}: the template does not render it once when it ends the chat"
+            eot = alone[alone.index(_SENTINEL) + len(_SENTINEL):]
+            if not text.startswith(eot, x1):
+                return None, (f"{where}: the text after it is not the end of turn {_clip(eot)} the template "
+                              "writes when it ends the chat")
+        xe = x1 + len(eot)
+        if x0 < pos:
+            return None, f"{where}: it overlaps the previous trained turn"
+        inside = (st >= x0) & (en <= xe)
+        idx = np.flatnonzero(inside)
+        if not len(idx) or idx[-1] - idx[0] + 1 != len(idx) or idx[0] < next_token:
+            return None, f"{where}: its tokens are not one run after the previous turn's"
+        for j in np.flatnonzero((st < xe) & (en > x0) & ~inside):
+            if text[max(st[j], x0): min(en[j], xe)].strip():
+                return None, (f"{where}: token {j} ({enc.tok.convert_ids_to_tokens(ids[j])!r}) holds both "
+                              "this turn's text and the text next to it")
+        segment = text[x0:xe]
+        covered = np.zeros(len(segment) + 1, dtype=np.int64)
+        np.add.at(covered, st[idx] - x0, 1)
+        np.add.at(covered, en[idx] - x0, -1)
+        covered = np.cumsum(covered)[:-1] > 0
+        if any(not c.isspace() and not ok for c, ok in zip(segment, covered)):
+            return None, f"{where}: its tokens do not cover its text"
+        sel = [ids[j] for j in idx]
+        if unk is None or unk not in sel:
+            decoded = enc.tok.decode(sel, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            want = normalizer.normalize_str(segment) if normalizer is not None else segment
+            if "".join(decoded.split()) != "".join(want.split()):
+                return None, f"{where}: its tokens decode to {_clip(decoded)}, not {_clip(segment)}"
+        mask[idx] = 1
+        notes.append((k, how, dropped))
+        pos, next_token = xe, int(idx[-1]) + 1
+    return mask, notes
+
+
+def _rendered_as(content: str, shown: str) -> tuple[str | None, str]:
+    """How the template rendered `content` as `shown`: ("exact" | "trimmed" | "as its last N characters", the
+    dropped leading text), or (None, "") when `shown` is none of these."""
+    if shown == content:
+        return "exact", ""
+    tail = len(content) - len(content.rstrip())
+    for cut in range(tail + 1):  # trailing whitespace the template may have trimmed
+        body = content[: len(content) - cut]
+        if body.endswith(shown):
+            lead = body[: len(body) - len(shown)]
+            if not lead.strip():
+                return "trimmed", ""
+            if shown.strip():
+                return f"as its last {len(shown)} characters", lead
+    return None, ""
 
 
 def _offset_boundary(prefix: str, text: str, starts, ends) -> int | None:

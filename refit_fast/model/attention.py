@@ -15,11 +15,15 @@ Backends, chosen per forward by ``backend="auto"`` in this order:
 
 1. ``"flash"``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, flash-attn installed);
 2. ``"torch_varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.9);
-3. ``"sdpa"``: ``F.scaled_dot_product_attention`` with a block-diagonal causal boolean mask built from
-   ``cu_seqlens``. Works on every device and dtype, with backward. The mask is ``[B, 1, T, T]`` booleans,
-   i.e. O(T^2) memory: fine for CPU rows of a few thousand tokens, wasteful for 32k-token GPU rows (which
-   use 1. or 2.). It is built once per forward and shared by all layers (and by the recomputation under
-   gradient checkpointing), never once per layer.
+3. ``"sdpa"``: ``F.scaled_dot_product_attention``; works on every device and dtype, with backward.
+   On CPU it attends block by block (:meth:`PackedAttentionMeta.blocks`): each conversation of at least
+   :data:`SMALL_SEGMENT` tokens alone with ``is_causal=True`` (no mask tensor), runs of shorter ones
+   together in blocks of at most :data:`BLOCK_TOKENS` tokens with a small block-diagonal mask; GQA k/v
+   go in unrepeated (``enable_gqa``). Work is sum(L^2) over blocks, not T^2. A conversation longer than
+   a layer's ``sliding_window`` gets a windowed mask of its own length. Elsewhere (CUDA fp32) it is one
+   call with a block-diagonal causal boolean mask built from ``cu_seqlens``, ``[B, 1, T, T]``, i.e.
+   O(T^2) memory (32k-token GPU rows use 1. or 2.). Masks and blocks are built once per forward and
+   shared by all layers (and by the recomputation under gradient checkpointing), never once per layer.
 
 Under ``torch.autocast`` the kernel is chosen for the autocast dtype: q/k/v are cast to it first
 (:func:`autocast_inputs`; HF's rotary embedding hands over fp32 q/k beside a bf16 v), so an fp32 model
@@ -54,6 +58,8 @@ __all__ = [
     "available_backends",
     "block_causal_mask",
     "check_backend_name",
+    "group_segments",
+    "row_segments",
     "concat_cu_seqlens",
     "register_attention",
     "resolve_backend",
@@ -222,15 +228,68 @@ def block_causal_mask(
     return mask.unsqueeze(1)
 
 
+# CPU block rule (measured, benchmarks/NOTES.md "CPU attention"): a conversation of at least
+# SMALL_SEGMENT tokens attends alone (plain causal SDPA, no mask); runs of shorter neighbours are merged
+# into blocks of at most BLOCK_TOKENS tokens with a small block-diagonal mask, because below ~16 tokens
+# the per-call overhead of SDPA (forward + backward) costs more than the masked-out work of a block.
+SMALL_SEGMENT = 16
+BLOCK_TOKENS = 64
+
+
+def group_segments(
+    lengths: list[int], small: int = SMALL_SEGMENT, block_tokens: int = BLOCK_TOKENS
+) -> list[list[int]]:
+    """Group consecutive segment lengths into attention blocks (the CPU rule; zero lengths dropped).
+
+    A segment of at least ``small`` tokens is a block of its own; consecutive shorter ones share a
+    block while it stays within ``block_tokens`` tokens.
+
+    Example:
+        >>> group_segments([300, 5, 7, 0, 3, 40, 60, 60, 9])
+        [[300], [5, 7, 3], [40], [60], [60], [9]]
+        >>> group_segments([10] * 8, small=16, block_tokens=32)
+        [[10, 10, 10], [10, 10, 10], [10, 10]]
+    """
+    groups: list[list[int]] = []
+    open_group: list[int] | None = None  # the block short segments are being added to
+    for n in lengths:
+        if n <= 0:
+            continue
+        if n >= small:
+            groups.append([n])
+            open_group = None
+        elif open_group is not None and sum(open_group) + n <= block_tokens:
+            open_group.append(n)
+        else:
+            open_group = [n]
+            groups.append(open_group)
+    return groups
+
+
+def row_segments(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> list[list[int]]:
+    """Segment lengths of each row; a segment crossing a row boundary is cut there (as the mask does).
+
+    Example:
+        >>> row_segments(torch.tensor([0, 3, 7, 10]), 2, 5)
+        [[3, 2], [2, 3]]
+    """
+    cuts = sorted(set(cu_seqlens.tolist()) | set(range(0, batch * seqlen + 1, seqlen)))
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if 0 <= a < batch * seqlen and b > a:
+            rows[a // seqlen].append(b - a)
+    return rows
+
+
 @dataclass
 class PackedAttentionMeta:
     """Packing metadata for one forward, passed to every attention layer as the ``refit_packed`` kwarg.
 
     ``cu_seqlens`` int32 ``[k+1]`` over the flattened ``batch*seqlen`` tokens (on the model's device),
     ``max_seqlen`` the longest segment, ``backend`` a name of :data:`BACKENDS` (``"auto"`` included).
-    SDPA masks are built lazily, once per sliding-window size, and the kernel ``"auto"`` picks once per
-    device and dtype (:meth:`kernel`); both are cached here, so all layers (and checkpoint
-    recomputation) share them.
+    SDPA masks and the CPU blocks (:meth:`blocks`) are built lazily, once per sliding-window size, and
+    the kernel ``"auto"`` picks once per device and dtype (:meth:`kernel`); all are cached here, so all
+    layers (and checkpoint recomputation) share them.
 
     Example:
         >>> meta = PackedAttentionMeta.build(torch.tensor([0, 4, 7]), 4, batch=1, seqlen=7, backend="sdpa")
@@ -245,6 +304,7 @@ class PackedAttentionMeta:
     backend: str
     _masks: dict = field(default_factory=dict, repr=False)
     _kernels: dict = field(default_factory=dict, repr=False)
+    _blocks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -309,6 +369,36 @@ class PackedAttentionMeta:
             self._masks[key] = block_causal_mask(self.cu_seqlens, self.batch, self.seqlen, sliding_window)
         return self._masks[key]
 
+    def blocks(self, sliding_window: int | None = None) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+        """Per row: the block sizes (:func:`group_segments`) and each block's mask, None for plain causal.
+
+        A block holding several segments gets a block-diagonal causal mask, a single segment longer than
+        ``sliding_window`` a windowed one (:func:`block_causal_mask` of that block alone). Cached per
+        sliding-window size, like :meth:`mask`, so all layers and checkpoint recomputation share them.
+
+        Example:
+            >>> m = PackedAttentionMeta.build(torch.tensor([0, 40, 45, 50]), None, batch=1, seqlen=50)
+            >>> [(sizes, [None if x is None else tuple(x.shape) for x in masks]) for sizes, masks in m.blocks()]
+            [([40, 10], [None, (1, 1, 10, 10)])]
+        """
+        key = sliding_window
+        if key not in self._blocks:
+            plan = []
+            for lengths in row_segments(self.cu_seqlens.cpu(), self.batch, self.seqlen):
+                sizes, masks = [], []
+                for group in group_segments(lengths):
+                    n = sum(group)
+                    windowed = sliding_window is not None and n > sliding_window
+                    if len(group) == 1 and not windowed:
+                        masks.append(None)  # is_causal=True: no mask tensor at all
+                    else:
+                        cu = torch.tensor([0] + group, device=self.cu_seqlens.device).cumsum(0)
+                        masks.append(block_causal_mask(cu, 1, n, sliding_window))
+                    sizes.append(n)
+                plan.append((sizes, masks))
+            self._blocks[key] = plan
+        return self._blocks[key]
+
     def kernel(self, device: torch.device | str, dtype: torch.dtype | None) -> str:
         """The concrete backend for query tensors on ``device`` with ``dtype`` (:func:`resolve_backend`),
         decided at the first layer and reused by the others.
@@ -330,20 +420,60 @@ class PackedAttentionMeta:
 # Kernels
 # ----------------------------------------------------------------------------------------------------
 def _sdpa(query, key, value, meta: PackedAttentionMeta, scaling, dropout, sliding_window):
+    if query.device.type == "cpu":
+        return _sdpa_blocks(query, key, value, meta, scaling, dropout, sliding_window)
+    return _sdpa_dense(query, key, value, meta, scaling, dropout, sliding_window)
+
+
+def _sdpa_dense(query, key, value, meta: PackedAttentionMeta, scaling, dropout, sliding_window):
+    """One SDPA call over the whole row with the cached ``[B, 1, T, T]`` mask (the non-CPU path)."""
     mask = meta.mask(sliding_window)
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq != hkv:
+        # Some CUDA SDPA kernels reject enable_gqa together with an explicit mask: repeat k/v instead.
+        key = key.repeat_interleave(hq // hkv, dim=1)
+        value = value.repeat_interleave(hq // hkv, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2)  # [B, T, H, D], the layout HF's attention modules expect
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_takes_enable_gqa() -> bool:
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _sdpa_blocks(query, key, value, meta: PackedAttentionMeta, scaling, dropout, sliding_window,
+                 *, enable_gqa: bool | None = None):
+    """Attention block by block (:meth:`PackedAttentionMeta.blocks`): no ``T x T`` mask (the CPU path).
+
+    A single-conversation block is plain causal SDPA (``is_causal=True``, no mask tensor); a block of
+    several short conversations, or a conversation longer than ``sliding_window``, uses its own small mask.
+    Work is sum(L^2) over blocks instead of T^2. GQA k/v are not repeated when this torch has
+    ``enable_gqa`` (measured faster on CPU without a dense mask: benchmarks/NOTES.md, CPU attention).
+    """
     hq, hkv = query.shape[1], key.shape[1]
     kwargs = {}
     if hq != hkv:
-        if query.device.type == "cpu":
-            kwargs["enable_gqa"] = True  # CPU kernels take GQA with a mask; saves repeating k/v
+        if enable_gqa is None:
+            enable_gqa = _sdpa_takes_enable_gqa()
+        if enable_gqa:
+            kwargs["enable_gqa"] = True
         else:
-            # Some CUDA SDPA kernels reject enable_gqa together with an explicit mask: repeat k/v instead.
             key = key.repeat_interleave(hq // hkv, dim=1)
             value = value.repeat_interleave(hq // hkv, dim=1)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, **kwargs
-    )
-    return out.transpose(1, 2)  # [B, T, H, D], the layout HF's attention modules expect
+    rows = []
+    for b, (sizes, masks) in enumerate(meta.blocks(sliding_window)):
+        # split (not slicing) so the backward of each input is one concatenation, not one
+        # full-size zero tensor per block.
+        qs, ks, vs = (x[b: b + 1].split(sizes, dim=2) for x in (query, key, value))
+        outs = [
+            F.scaled_dot_product_attention(
+                q, k, v, attn_mask=m, dropout_p=dropout, is_causal=m is None, scale=scaling, **kwargs
+            ).transpose(1, 2)
+            for q, k, v, m in zip(qs, ks, vs, masks)
+        ]
+        rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]  # [B, T, H, D]
 
 
 def _to_tokens(x):

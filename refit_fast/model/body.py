@@ -97,8 +97,8 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 def prepare_model(model: torch.nn.Module, attn_backend: str = "auto") -> torch.nn.Module:
     """Switch a HF causal LM (in place) to packed varlen attention; returns the model.
 
-    ``attn_backend``: ``"auto"`` (flash-attn, then torch varlen, on CUDA with fp16/bf16; SDPA with a
-    block-diagonal mask otherwise) or a forced ``"flash"`` / ``"torch_varlen"`` / ``"sdpa"``. It is
+    ``attn_backend``: ``"auto"`` (flash-attn, then torch varlen, on CUDA with fp16/bf16; SDPA otherwise:
+    per conversation on CPU, with a block-diagonal mask elsewhere) or a forced ``"flash"`` / ``"torch_varlen"`` / ``"sdpa"``. It is
     checked here, once (an unknown name raises ``ValueError``, a forced backend that is not installed
     :class:`BackendUnavailableError`), and recorded as ``model.refit_attention``
     (:class:`PreparedAttention`; read it with :func:`attention_backend`). A forced backend that cannot

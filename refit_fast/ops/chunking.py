@@ -28,8 +28,18 @@ The weight gradient accumulates in fp32 (`dw_fp32`) by default for bf16/fp16 wei
 ``addmm(..., out_dtype=float32)`` per block where torch has it); ``fp32_weight_grad=False`` keeps
 it in the weight's dtype. fp32/fp64 weights accumulate in their own dtype (the gradient itself).
 
-:func:`plan_chunks` is pure arithmetic (no tensors, no device), so a performance model can call it
-for any shape; the driver (:func:`fused_linear_ce`) runs exactly the plan it returns.
+Under autocast an fp32 master weight is rounded to the autocast dtype inside (one [V, D] copy), and
+the fp32 accumulator is its gradient: no second accumulator, no bf16 rounding of the gradient.
+
+Default plans (bf16, 256 MiB budget; the same for N = 8192 and 32768: independent of N):
+
+    head                        sub_rows  stage_rows  extra_bytes (bf16 weight / fp32 master under autocast)
+    Llama-3 D=4096 V=128256        512       2048     2,923,931,648 = 2.72 GiB / 1,873,258,496 = 1.74 GiB
+    Gemma-2 D=2304 V=256000        256       2048     3,690,938,368 = 3.44 GiB / 2,511,290,368 = 2.34 GiB
+
+:func:`plan_chunks` is pure arithmetic (no tensors, no device; its defaults read the active
+:func:`refit_fast.chunk_budget`), so a performance model can call it for any shape; the driver
+(:func:`fused_linear_ce`) runs exactly the plan it returns.
 """
 from __future__ import annotations
 
