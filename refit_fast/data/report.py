@@ -29,7 +29,8 @@ REASONS = {
     "bad_tokens": "pre-tokenized input_ids/loss_mask are malformed",
     "empty_tokens": "pre-tokenized input_ids is empty",
     "template_error": "the chat template failed to render",
-    "template_mismatch": "the chat template breaks the prefix property, so turn spans are unsafe",
+    "template_mismatch": "the chat template breaks the prefix property and per-turn masking could not locate "
+                         "and verify every trained turn",
     "empty_mask": "no token would be trained",
     "too_long": "longer than max_tokens",
     "special_token_in_content": "a message's text holds a special token (strict mode only; else a warning)",
