@@ -58,11 +58,11 @@ __all__ = [
     "available_backends",
     "block_causal_mask",
     "check_backend_name",
-    "group_segments",
-    "row_segments",
     "concat_cu_seqlens",
+    "group_segments",
     "register_attention",
     "resolve_backend",
+    "row_segments",
     "varlen_attention_forward",
 ]
 
