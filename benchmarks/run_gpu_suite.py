@@ -445,26 +445,14 @@ def loss_contenders():
 
 
 def matmul_tflops(dtype=None, n=8192, reps=10) -> float | None:
-    """The device's measured dense matmul rate (random data, median of `reps`); None on CPU."""
+    """The device's measured dense matmul rate (the CPU bench's measurement, one home); None on CPU."""
     if DEVICE != "cuda":
         return None
     import torch
 
-    dtype = dtype or torch.bfloat16
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * n**3 / statistics.median(times) / 1e12
+    from bench_weighted_ce import matmul_tflops as measure  # plain imports only: torch and refit_fast
+
+    return measure(dtype or torch.bfloat16, n, reps)
 
 
 def make_inputs(n, d, v, dtype, sets, seed=0):

@@ -100,14 +100,9 @@ def tokenized(smol):
 
 
 def _trained_pieces(tok, t):
-    runs, cur = [], []
-    for i, m in zip(t.input_ids.tolist(), t.loss_mask.tolist()):
-        if m:
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
+    from test_data import masked_pieces  # one home for "the decoded runs of trained tokens"
+
+    return masked_pieces(tok, t)
 
 
 def test_loaded_offline_as_a_normal_folder(smol):
