@@ -76,6 +76,18 @@ def row_kernel_launches():
             for coef in (_t((), torch.float32), _t(N_TRAINED, torch.float32)):  # "sum"/"mean"; "none" backward
                 yield kernels._ce_rows_kernel, kernels.ce_rows_launch(
                     z, plan.sub_rows, stage, plan.sub_rows, plan.sub_rows, labels, w, coef, loss, 3 * plan.sub_rows)
+    # non-plain heads (weighted_ce's softcap / logit_scale / z_loss / label_smoothing) on a bf16 model:
+    # Gemma 2's softcap alone, and every option at once
+    D, V = HEADS[1]
+    plan = chunking.plan_chunks(N_TRAINED, D, V, dtype=torch.bfloat16)
+    zbuf, stage = _t((plan.sub_rows, V), torch.float32), _t((plan.stage_rows, V), torch.bfloat16)
+    labels, w, loss = _t(N_TRAINED, torch.int64), _t(N_TRAINED, torch.float32), _t(N_TRAINED, torch.float32)
+    for head in ((1.0, 30.0, 0.0, 0.0), (0.5, 30.0, 1e-4, 0.1)):
+        yield kernels._ce_rows_kernel, kernels.ce_rows_launch(zbuf, 0, None, 0, plan.sub_rows, labels, w, None, loss, 0,
+                                                              head)
+        for coef in (_t((), torch.float32), _t(N_TRAINED, torch.float32)):
+            yield kernels._ce_rows_kernel, kernels.ce_rows_launch(
+                zbuf, 0, stage, plan.sub_rows, plan.sub_rows, labels, w, coef, loss, 3 * plan.sub_rows, head)
 
 
 def weight_kernel_launches():

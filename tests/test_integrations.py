@@ -10,6 +10,10 @@ from refit_fast.ops.reference import weighted_ce_reference
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, head_dim=8, pad_token_id=0)
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3_text", "phi3", "olmo2"]
+# heads with a logit transform the config declares, computed in weighted_ce's kernel (small values so
+# that the transform bites on a tiny random model's logits)
+HEADS = {"gemma2": {"final_logit_softcapping": 0.5}, "cohere": {"logit_scale": 0.25},
+         "granite": {"logits_scaling": 0.3}}
 
 
 def tiny_model(model_type, seed=0, **over):
@@ -51,9 +55,9 @@ def reference_loss_and_grads(model, input_ids, attention_mask, labels, num_items
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", FAMILIES + list(HEADS))
 def test_patched_model_gives_its_own_loss_and_gradients(model_type):
-    model = tiny_model(model_type)
+    model = tiny_model(model_type, **HEADS.get(model_type, {}))
     ids, mask, labels = batch()
     ref, ref_grads = reference_loss_and_grads(model, ids, mask, labels)
     hf = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # its own loss, in float32
@@ -96,10 +100,24 @@ def test_rewards_weight_each_sequence_by_the_plain_reference():
         model(input_ids=ids, labels=labels, rewards=torch.ones(2))
 
 
-@pytest.mark.parametrize("model_type,over", [("gemma2", {}), ("cohere", {"logit_scale": 0.5})])
-def test_heads_weighted_ce_cannot_reproduce_are_refused(model_type, over):
-    model = tiny_model(model_type, **over)
-    with pytest.raises(UnsupportedHeadError, match="logits are not hidden @ lm_head.weight.T"):
+@pytest.mark.parametrize("model_type", list(HEADS))
+def test_declared_heads_are_applied_not_ignored(model_type):
+    """The transform really is in the patched loss: without it (a config that no longer declares it,
+    the model still applying it) the head check refuses the model."""
+    from refit_fast.integrations.hf import head_options
+
+    model = tiny_model(model_type, **HEADS[model_type])
+    assert head_options(model)
+    field, value = next(iter(HEADS[model_type].items()))
+    real = model.lm_head.forward
+    identity = None if field == "final_logit_softcapping" else 1.0
+    setattr(model.config, field, identity)  # weighted_ce would now compute the plain head ...
+    if field == "final_logit_softcapping":  # ... while the model keeps transforming its logits
+        model.lm_head.forward = lambda h: value * torch.tanh(real(h) / value)
+    else:
+        scale = value if field == "logit_scale" else 1 / value
+        model.lm_head.forward = lambda h: real(h) * scale
+    with pytest.raises(UnsupportedHeadError, match="max difference"):
         patch_causal_lm(model)
     assert not is_patched(model)
 

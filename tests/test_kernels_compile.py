@@ -31,8 +31,9 @@ def test_the_kernel_variants_that_run_compile_for_sm90():
     rows = [ln for ln in lines if "_ce_rows_kernel" in ln]
     weights = [ln for ln in lines if "_token_weight_kernel" in ln]
     # one row-kernel variant per staging dtype and mode, the same for every real head (V % 16 == 0):
-    # losses only (fp32 logits), then {scalar, per-row coef} x {bf16, fp16, fp32} staging blocks
-    assert len(rows) == 7, proc.stdout
+    # losses only (fp32 logits), then {scalar, per-row coef} x {bf16, fp16, fp32} staging blocks; and
+    # for two non-plain heads (softcap; every head option) losses only and {scalar, per-row} bf16
+    assert len(rows) == 7 + 2 * 3, proc.stdout
     assert len(weights) == 8, proc.stdout  # {fp32, fp64 rewards} x {none, batch, given stats, group}
     for ln in rows:
         # whole tensors: every pointer 16-byte aligned (vector loads), V divisible by 16

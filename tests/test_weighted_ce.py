@@ -170,10 +170,14 @@ def test_batched_rows_are_conversations(impl):
         assert ours.shape == truth.shape == ((B, T) if reduction == "none" else ())
         scale = weighted_ce_reference(h, W, y, None, r, standardize=True, reduction="none").abs().sum().item()
         assert_close(ours, truth, 1e-5, reduction, seed, scale=scale / B)
-    # the same tokens flattened with explicit seq_ids give the same loss
+    # the same tokens flattened with explicit seq_ids give the same loss (per conversation: the
+    # default with seq_ids; without them "mean" is the token mean)
     flat = weighted_ce(h.float().reshape(-1, D), W.float(), y.reshape(-1), torch.arange(B).repeat_interleave(T),
                        r.float(), standardize=True, impl=impl)
-    assert torch.allclose(flat, ours, rtol=1e-6)
+    rows = weighted_ce(h.float(), W.float(), y, None, r.float(), standardize=True, impl=impl, normalize="sequence")
+    assert torch.allclose(flat, rows, rtol=1e-6)
+    n_tok = int((y != -100).sum())
+    assert torch.allclose(ours * n_tok, rows * B, rtol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -502,9 +506,9 @@ def test_driver_runs_exactly_the_plan_with_whole_tensors(impl, reduction, monkey
     calls, launches = [], []
     real_rows = chunking.ce_rows_triton if impl == "triton" else chunking.ce_rows_torch
 
-    def spy(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0):
+    def spy(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head):
         calls.append((t0, g0, c, grad is not None))
-        return real_rows(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0)
+        return real_rows(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head)
 
     real_launch = kernels.ce_rows_launch
 

@@ -15,10 +15,11 @@ groups=None, num_items_in_batch=None, **kwargs)``:
   output's ``logits`` is None. A row may hold several packed sequences: ``seq_ids`` (one id per token,
   0..S-1; the default is the row index) says which, and no target crosses from one into the next.
 
-A model whose head is not ``hidden @ weight.T (+ bias)`` (Gemma 2's final-logit softcapping, Cohere's
-``logit_scale``, Granite's ``logits_scaling``, anything custom) is refused when patched: the patch
-compares the model's own logits with that product on a short input first, so it never trains a head
-other than the one the model has.
+Heads that transform the logits the config declares are computed in the kernel, with exact
+gradients: Gemma 2's ``final_logit_softcapping`` (``softcap=``), Cohere's ``logit_scale`` and
+Granite's ``logits_scaling`` (``logit_scale=``). Anything else (a custom head) is refused when
+patched: the patch compares the model's own logits with what weighted_ce would compute on a short
+input first, so it never trains a head other than the one the model has.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from refit_fast.model import output_embedding
 from refit_fast.ops import weighted_ce
 
-__all__ = ["UnsupportedHeadError", "is_patched", "patch_causal_lm", "unpatch_causal_lm"]
+__all__ = ["UnsupportedHeadError", "head_options", "is_patched", "patch_causal_lm", "unpatch_causal_lm"]
 
 _ORIGINAL = "_refit_fast_original_forward"
 
@@ -55,9 +56,10 @@ def patch_causal_lm(model, *, check_head: bool = True, impl: str = "auto"):
     any model with ``get_decoder()`` and output embeddings) compute its loss with ``weighted_ce``;
     returns the same model. Only this instance changes (not its class); :func:`unpatch_causal_lm` undoes it.
 
-    ``check_head``: first compare the model's logits with ``hidden @ weight.T (+ bias)`` on a short
-    input and raise :class:`UnsupportedHeadError` if they differ (softcapping, logit scaling). ``impl``
-    is ``weighted_ce``'s (``auto``, ``triton``, ``torch``).
+    ``check_head``: first compare the model's logits with weighted_ce's head (``hidden @ weight.T
+    (+ bias)``, scaled and softcapped as the config declares: :func:`head_options`) on a short input
+    and raise :class:`UnsupportedHeadError` if they differ. ``impl`` is ``weighted_ce``'s (``auto``,
+    ``triton``, ``torch``).
 
     Example:
         >>> from refit_fast.model import build_model_from_config, tiny_config
@@ -106,16 +108,6 @@ def unpatch_causal_lm(model):
     return model
 
 
-def _shift(labels: torch.Tensor, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token targets: position t is trained on ``labels[t + 1]``; the last position of a row (and,
-    with ``seq_ids``, of every packed sequence) on nothing."""
-    out = torch.full_like(labels, -100)
-    out[..., :-1] = labels[..., 1:]
-    if seq_ids is not None:
-        out[..., :-1][seq_ids[..., 1:] != seq_ids[..., :-1]] = -100
-    return out
-
-
 def _loss_forward(model, input_ids, attention_mask, labels, rewards, standardize, groups, seq_ids,
                   num_items_in_batch, impl, kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -132,7 +124,7 @@ def _loss_forward(model, input_ids, attention_mask, labels, rewards, standardize
         seq_ids = torch.as_tensor(seq_ids, device=hidden.device)
         if seq_ids.shape != labels.shape:
             raise ValueError(f"seq_ids has shape {tuple(seq_ids.shape)}; it needs one id per token, {tuple(labels.shape)}")
-    targets = _shift(labels.to(hidden.device), seq_ids)
+    labels = labels.to(hidden.device)
     weight, bias = output_embedding(model)
     n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
     if rewards is not None:
@@ -141,33 +133,51 @@ def _loss_forward(model, input_ids, attention_mask, labels, rewards, standardize
             raise ValueError(f"rewards has {rewards.numel()} entries; give one per sequence ({n_seqs})")
     if groups is not None:
         groups = torch.as_tensor(groups, device=hidden.device)
-    total = weighted_ce(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), seq_ids.reshape(-1),
-                        rewards, bias=bias, standardize=standardize or False, groups=groups, reduction="sum",
-                        impl=impl)
-    if num_items_in_batch is not None:
-        denominator = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
-    else:
-        denominator = (targets != -100).sum().clamp(min=1).to(total.dtype)
+    # HF's convention: labels are the inputs, shifted here (the labels, never the hidden states), and
+    # the token mean, or the caller's num_items_in_batch under gradient accumulation
+    norm = dict(normalize="token") if num_items_in_batch is None else dict(denominator=num_items_in_batch)
+    loss = weighted_ce(hidden, weight, labels, seq_ids, rewards, bias=bias, standardize=standardize or False,
+                       groups=groups, shift=True, impl=impl, **norm, **head_options(model))
     # the decoder's other outputs pass through under whatever names this transformers version uses
     extra = {k: v for k, v in out.items() if k != "last_hidden_state"} if hasattr(out, "items") else {}
-    return CausalLMOutputWithPast(loss=total / denominator, logits=None, **extra)
+    return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
 
 
-# config fields of heads that are not a plain linear map (their identity values pass)
-_HEAD_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+def head_options(model) -> dict:
+    """weighted_ce's head options for the logit transforms ``model.config`` declares:
+    ``final_logit_softcapping`` (Gemma 2) -> ``softcap``; ``logit_scale`` (Cohere) and
+    ``logits_scaling`` (Granite, which divides by it) -> ``logit_scale``. Empty for a plain head.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> head_options(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))
+        {'softcap': 30.0}
+        >>> head_options(SimpleNamespace(config=SimpleNamespace(logits_scaling=4.0)))
+        {'logit_scale': 0.25}
+    """
+    cfg = getattr(model, "config", None)
+    out = {}
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is not None:
+        out["softcap"] = float(cap)
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+    if scale != 1.0:
+        out["logit_scale"] = scale
+    return out
+
+
+def _head_logits(logits: torch.Tensor, options: dict) -> torch.Tensor:
+    """weighted_ce's transform of raw logits (weighted_ce_torch.Head), written out for the check."""
+    logits = logits * options.get("logit_scale", 1.0)
+    cap = options.get("softcap")
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 @torch.no_grad()
 def _check_head(model) -> None:
-    """Refuse a head the config declares non-linear or scaled, then compare the model's logits with
-    ``hidden @ weight.T (+ bias)`` on a short input (anything else custom)."""
-    cfg = getattr(model, "config", None)
-    declared = [f"{k}={getattr(cfg, k)}" for k, identity in _HEAD_TRANSFORMS.items()
-                if getattr(cfg, k, None) is not None and getattr(cfg, k) != identity]
-    if declared:
-        raise UnsupportedHeadError(
-            f"{type(model).__name__}'s logits are not hidden @ lm_head.weight.T ({', '.join(declared)}), so "
-            "weighted_ce cannot compute its loss exactly; use the model's own loss")
+    """Compare the model's logits with weighted_ce's head (the product, with the transforms of
+    :func:`head_options`) on a short input: anything custom is refused."""
+    options = head_options(model)
     was_training = model.training
     model.eval()
     try:
@@ -177,7 +187,7 @@ def _check_head(model) -> None:
         out = model(input_ids=ids, output_hidden_states=True)
         hidden = out.hidden_states[-1]
         dt = torch.promote_types(weight.dtype, torch.float32)  # bf16 models: compare in fp32
-        ours = hidden.to(dt) @ weight.to(dt).T + (bias.to(dt) if bias is not None else 0)
+        ours = _head_logits(hidden.to(dt) @ weight.to(dt).T + (bias.to(dt) if bias is not None else 0), options)
         theirs = out.logits.to(dt)
     finally:
         model.train(was_training)
@@ -185,5 +195,10 @@ def _check_head(model) -> None:
     err = (ours - theirs).abs().max().item()
     if not err <= tol * max(1.0, theirs.abs().max().item()):
         raise UnsupportedHeadError(
-            f"{type(model).__name__}'s logits are not hidden @ lm_head.weight.T (max difference {err:.3g} on a "
-            "test input), so weighted_ce cannot compute its loss exactly; use the model's own loss")
+            f"{type(model).__name__}'s logits are not hidden @ lm_head.weight.T{_described(options)} (max "
+            f"difference {err:.3g} on a test input), so weighted_ce cannot compute its loss exactly; use the "
+            "model's own loss")
+
+
+def _described(options: dict) -> str:
+    return "".join(f", {k}={v:g}" for k, v in options.items())

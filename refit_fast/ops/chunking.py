@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from refit_fast.ops.kernels import ce_rows_triton
-from refit_fast.ops.weighted_ce_torch import ce_rows_torch
+from refit_fast.ops.weighted_ce_torch import PLAIN, Head, ce_rows_torch
 
 STAGE_ROWS = 2048  # rows a staging block reaches when the budget allows: K of the dh / dW GEMMs
 STAGE_SUBS = 16  # at most this many sub-chunks per staging block (a tiny budget: several blocks)
@@ -66,11 +66,14 @@ class CEOptions:
     chunk_bytes: the fp32 logits of one sub-chunk (the budget); fp32_weight_grad: fp32 dW
     accumulator for bf16/fp16 weights (None: the default, on); compute_dtype: the dtype the GEMMs
     take when it is not the inputs' own (set by weighted_ce under autocast; the inputs are rounded
-    to it inside and their gradients come back in their own dtypes)."""
+    to it inside and their gradients come back in their own dtypes); head: the logit transform and
+    loss terms beyond plain cross-entropy (:class:`~refit_fast.ops.weighted_ce_torch.Head`: logit
+    scale, softcap, z-loss, label smoothing; set per call by weighted_ce)."""
 
     chunk_bytes: int
     fp32_weight_grad: bool | None = None
     compute_dtype: torch.dtype | None = None
+    head: Head = PLAIN
 
 
 def _env_fp32_weight_grad() -> bool | None:
@@ -319,7 +322,7 @@ def fused_linear_ce(h, W, b, labels_v, idx_v, w_v, coef, need, impl, opts: CEOpt
                     _mm_fp32_into(hs_g[c0:c0 + cn], W_g.T, z)
                 if b_acc is not None:
                     z += b_acc
-                ce_rows(zb, z0, stage, c0, cn, labels_v, w_acc, coef, loss_v, s0 + c0)
+                ce_rows(zb, z0, stage, c0, cn, labels_v, w_acc, coef, loss_v, s0 + c0, opts.head)
             if compute_grad:
                 G = stage[:sn]
                 if dh is not None:

@@ -106,10 +106,27 @@ if HAS_TRITON:
             r = tl.where(zero, 0.0, dev / tl.where(zero, 1.0, std + eps))  # no 0/0 even in masked lanes
         tl.store(out_ptr + offs, r.to(tl.float32), mask=tmask)
 
+    @triton.jit
+    def _tanh(x):
+        # 1 - 2 / (e^{2x} + 1): exact limits (+-1) at +-inf, portable (compiled and interpreted)
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _head(z, scale, cap, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+        # the head's transform of raw logits (weighted_ce_torch.Head): scale, then softcap
+        if SCALE:
+            z = z * scale
+        if SOFTCAP:
+            z = cap * _tanh(z / cap)
+        return z
+
     @triton.jit(do_not_specialize=["z_row0", "g_row0", "t_row0"])
     def _ce_rows_kernel(
         logits_ptr, grad_ptr, labels_ptr, w_ptr, coef_ptr, loss_ptr, z_row0, g_row0, t_row0, V,
+        scale, cap, z_loss, smoothing,
         COEF_PER_ROW: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+        SCALE: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ZLOSS: tl.constexpr = False,
+        SMOOTH: tl.constexpr = False,
     ):
         """One program per row r of a sub-chunk (rows of stride V everywhere):
 
@@ -117,16 +134,25 @@ if HAS_TRITON:
         staging block, its dtype), token t_row0 + r of labels / w / coef / loss. Pass 1 keeps a
         running max and sum of exponentials per lane ([BLOCK_V] vectors) and reduces them once per
         row; pass 2 writes g = w * coef * (softmax - onehot). `grad_ptr` may alias `logits_ptr`
-        (fp32 staging): each element is read before the same lane overwrites it."""
+        (fp32 staging): each element is read before the same lane overwrites it.
+
+        SCALE / SOFTCAP / ZLOSS / SMOOTH: the non-plain head of weighted_ce_torch.Head (logit scale,
+        tanh softcap, z-loss, label smoothing), each compiled in only when used."""
         r = tl.program_id(0).to(tl.int64)
         zrow = logits_ptr + (z_row0 + r) * V
         t = t_row0 + r
         lanes = tl.arange(0, BLOCK_V)
         m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
         s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+        zs_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + lanes
-            z = tl.load(zrow + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            vmask = offs < V
+            z = tl.load(zrow + offs, mask=vmask, other=float("-inf")).to(tl.float32)
+            if SCALE or SOFTCAP:
+                z = tl.where(vmask, _head(z, scale, cap, SCALE, SOFTCAP), float("-inf"))
+            if SMOOTH:
+                zs_vec += tl.where(vmask, z, 0.0)
             m_new = tl.maximum(m_vec, z)
             base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no element yet: no -inf - -inf
             s_vec = s_vec * tl.exp(m_vec - base) + tl.exp(z - base)
@@ -136,20 +162,51 @@ if HAS_TRITON:
         label = tl.load(labels_ptr + t)
         target = tl.load(zrow + label).to(tl.float32)
         w = tl.load(w_ptr + t)
-        tl.store(loss_ptr + t, w * (lse - target))
+        if SCALE or SOFTCAP or ZLOSS or SMOOTH:
+            target = _head(target, scale, cap, SCALE, SOFTCAP)
+            if SMOOTH:
+                nll = lse - (1.0 - smoothing) * target - (smoothing / V) * tl.sum(zs_vec, axis=0)
+            else:
+                nll = lse - target
+            loss = w * nll
+            if ZLOSS:
+                loss += z_loss * lse * lse
+            tl.store(loss_ptr + t, loss)
+        else:
+            tl.store(loss_ptr + t, w * (lse - target))
         if COMPUTE_GRAD:
             if COEF_PER_ROW:
                 coef = tl.load(coef_ptr + t)
             else:
                 coef = tl.load(coef_ptr)
-            scale = w * coef
+            scale_w = w * coef
+            if SCALE:
+                coef_s = coef * scale  # d z' / d z = scale, folded into the coefficients
+            else:
+                coef_s = coef
+            c_p = coef_s * w  # on softmax
+            if ZLOSS:
+                c_p += coef_s * 2.0 * z_loss * lse
+            c_y = coef_s * w  # on the label
+            if SMOOTH:
+                c_y = c_y * (1.0 - smoothing)
+            c_all = coef_s * w * (smoothing / V)  # on every class (SMOOTH)
             grow = grad_ptr + (g_row0 + r) * V
             for start in range(0, V, BLOCK_V):
                 offs = start + lanes
                 vmask = offs < V
                 z = tl.load(zrow + offs, mask=vmask, other=0.0).to(tl.float32)
-                g = tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0)
-                tl.store(grow + offs, (g * scale).to(grow.dtype.element_ty), mask=vmask)
+                if SCALE or SOFTCAP or ZLOSS or SMOOTH:
+                    z = _head(z, scale, cap, SCALE, SOFTCAP)
+                    g = c_p * tl.exp(z - lse) - tl.where(offs == label, c_y, 0.0)
+                    if SMOOTH:
+                        g -= c_all
+                    if SOFTCAP:
+                        tz = z / cap
+                        g = g * (1.0 - tz * tz)
+                else:
+                    g = (tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0)) * scale_w
+                tl.store(grow + offs, g.to(grow.dtype.element_ty), mask=vmask)
 
 
 def _block_v(V: int) -> int:
@@ -199,23 +256,27 @@ def token_weights_triton(rewards, seq_ids_valid, *, standardize, eps, reward_sta
     return out
 
 
-def ce_rows_launch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0):
-    """(grid, args, kwargs) of the `_ce_rows_kernel` launch of :func:`ce_rows_triton`."""
+def ce_rows_launch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head=(1.0, 0.0, 0.0, 0.0)):
+    """(grid, args, kwargs) of the `_ce_rows_kernel` launch of :func:`ce_rows_triton`. `head`:
+    (scale, softcap, z_loss, smoothing), a weighted_ce_torch.Head or a plain tuple."""
     V = zbuf.shape[1]
     compute_grad = grad is not None
     per_row = bool(compute_grad and coef.dim() == 1)
+    scale, cap, z_loss, smoothing = (float(x) for x in head)
     args = (zbuf, grad if compute_grad else zbuf, labels_v, w_v, coef if compute_grad else w_v, loss_v,
-            int(z0), int(g0), int(t0), V)
+            int(z0), int(g0), int(t0), V, scale, cap, z_loss, smoothing)
     kwargs = dict(COEF_PER_ROW=per_row, COMPUTE_GRAD=compute_grad, BLOCK_V=_block_v(V), num_warps=8)
+    flags = dict(SCALE=scale != 1.0, SOFTCAP=cap != 0.0, ZLOSS=z_loss != 0.0, SMOOTH=smoothing != 0.0)
+    kwargs.update({k: True for k, on in flags.items() if on})  # the plain head: the variant of before
     return (int(c),), args, kwargs
 
 
-def ce_rows_triton(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0):
+def ce_rows_triton(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head=(1.0, 0.0, 0.0, 0.0)):
     """Triton twin of :func:`ce_rows_torch` (same arguments, same results): rows z0..z0+c of the fp32
     logits `zbuf` [*, V] are tokens t0..t0+c of labels_v / w_v / loss_v [Nv] (and of coef when it is
     [Nv]; else a 0-dim tensor); their gradient goes to rows g0..g0+c of `grad` [*, V] (the
     staging block, may be zbuf itself) unless grad is None. Writes loss_v[t0:t0+c]."""
     if c == 0:
         return
-    grid, args, kwargs = ce_rows_launch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0)
+    grid, args, kwargs = ce_rows_launch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head)
     _ce_rows_kernel[grid](*args, **kwargs)

@@ -23,7 +23,13 @@ def weighted_ce_reference(
     reward_stats=None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    normalize: str = "sequence",
+    normalize: str | None = None,
+    denominator=None,
+    shift: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Same contract as :func:`refit_fast.weighted_ce`, without validation, materializing the logits.
 
@@ -41,6 +47,15 @@ def weighted_ce_reference(
         True
     """
     D = hidden.shape[-1]
+    if normalize is None:
+        normalize = "sequence" if seq_ids is not None else "token"
+    if shift:  # written out: the next label of the same row and the same conversation, else ignored
+        nxt = torch.full_like(labels, ignore_index)
+        nxt[..., :-1] = labels[..., 1:]
+        if seq_ids is not None:
+            same = seq_ids[..., 1:] == seq_ids[..., :-1]
+            nxt[..., :-1] = torch.where(same, nxt[..., :-1], torch.full_like(nxt[..., :-1], ignore_index))
+        labels = nxt
     if seq_ids is None:
         if hidden.dim() == 3:  # [B, T, D]: each row is a conversation
             seq_ids = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand(hidden.shape[:2])
@@ -55,9 +70,14 @@ def weighted_ce_reference(
         logits = logits + bias
     # upcast like a careful user would: the softmax in at least fp32
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logp = torch.log_softmax(logits, dim=-1)
     valid = y != ignore_index
     nll = -logp.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
+    if label_smoothing:  # F.cross_entropy's smoothed target: label_smoothing / V on every class
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
     nll = torch.where(valid, nll, torch.zeros_like(nll))
 
     if rewards is None:
@@ -79,10 +99,15 @@ def weighted_ce_reference(
             r = out
         w = torch.where(valid, r[torch.where(valid, sid, 0)], torch.zeros_like(nll))
     per_token = w * nll
+    if z_loss:  # not reward-weighted
+        lse = torch.logsumexp(logits, dim=-1)
+        per_token = per_token + torch.where(valid, z_loss * lse.square(), torch.zeros_like(lse))
 
     if reduction == "none":
         return per_token.reshape(labels.shape)
     total = per_token.sum()
+    if denominator is not None:
+        return total / torch.as_tensor(denominator, dtype=total.dtype, device=total.device).reshape(())
     if reduction == "sum" or normalize == "none":
         return total
     if normalize == "token":

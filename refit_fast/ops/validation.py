@@ -6,12 +6,13 @@ normalizer: what :class:`~refit_fast.ops.function.WeightedCEFunction` takes.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from refit_fast.ops import kernels as K
-from refit_fast.ops.weighted_ce_torch import REWARD_LIMIT, _as_eps, token_weights_torch
+from refit_fast.ops.weighted_ce_torch import REWARD_LIMIT, Head, _as_eps, token_weights_torch
 
 
 class Prepared(NamedTuple):
@@ -60,14 +61,63 @@ def _standardize_mode(standardize) -> str:
 
 
 
+def _positive(value, name, *, zero_ok=False, at_most=None):
+    """A float from a Python number, or a ValueError naming the argument."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        v = float("nan")
+    ok = math.isfinite(v) and (v >= 0 if zero_ok else v > 0) and (at_most is None or v <= at_most)
+    if isinstance(value, (bool, str)) or not ok:
+        bound = f"in [0, {at_most}]" if at_most is not None else (">= 0" if zero_ok else "> 0")
+        raise ValueError(f"weighted_ce: {name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def head_of(*, logit_scale=1.0, softcap=None, z_loss=0.0, label_smoothing=0.0) -> Head:
+    """The checked :class:`~refit_fast.ops.weighted_ce_torch.Head` of weighted_ce's head options."""
+    return Head(scale=_positive(logit_scale, "logit_scale"),
+                softcap=0.0 if softcap is None else _positive(softcap, "softcap"),
+                z_loss=_positive(z_loss, "z_loss", zero_ok=True),
+                smoothing=_positive(label_smoothing, "label_smoothing", zero_ok=True, at_most=1.0))
+
+
+def shift_labels(labels: torch.Tensor, seq_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets along the last dim: position t gets ``labels[..., t + 1]``; the last position
+    of a row, and with `seq_ids` the last position of every packed sequence, gets `ignore_index`.
+    Copies only the labels (the hidden states stay where they are).
+
+        >>> shift_labels(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([0, 0, 0, 1, 1]))
+        tensor([   6,    7, -100,    9, -100])
+    """
+    out = torch.full_like(labels, ignore_index)
+    out[..., :-1] = labels[..., 1:]
+    if seq_ids is not None:
+        out[..., :-1].masked_fill_(seq_ids[..., 1:] != seq_ids[..., :-1], ignore_index)
+    return out
+
+
 def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardize, groups, eps, reward_stats,
-                   ignore_index, reduction, normalize, impl) -> Prepared:
-    """Check weighted_ce's arguments (see :func:`refit_fast.weighted_ce`) and prepare its inputs."""
+                   ignore_index, reduction, normalize, impl, denominator=None, shift=False, validate=True,
+                   autocast_dtype="auto") -> Prepared:
+    """Check weighted_ce's arguments (see :func:`refit_fast.weighted_ce`) and prepare its inputs.
+
+    autocast_dtype: "auto" reads the autocast state; None / a dtype states it (the compiled path,
+    whose op runs outside the caller's autocast context)."""
     # ---- options ----
     if reduction not in _REDUCTIONS:
         raise ValueError(f"weighted_ce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if denominator is not None:
+        if reduction != "mean":
+            raise ValueError(f"weighted_ce: denominator is the normalizer of reduction='mean', got reduction={reduction!r}")
+        if normalize is not None:
+            raise ValueError("weighted_ce: give normalize or denominator, not both (denominator replaces the normalizer)")
+    if normalize is None:
+        normalize = "sequence" if seq_ids is not None else "token"
     if normalize not in _NORMALIZE:
         raise ValueError(f"weighted_ce: normalize must be one of {_NORMALIZE}, got {normalize!r}")
+    if not isinstance(shift, bool) or not isinstance(validate, bool):
+        raise ValueError(f"weighted_ce: shift and validate must be True or False, got {shift!r}, {validate!r}")
     if impl not in _IMPLS:
         raise ValueError(f"weighted_ce: impl must be one of {_IMPLS}, got {impl!r}")
     eps = _as_eps(eps, "weighted_ce")
@@ -90,11 +140,12 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weighted_ce: weight must be [V, D] with D={hidden.shape[-1]} (hidden's last dim), got {tuple(weight.shape)}")
     compute = None
-    if torch.is_autocast_enabled(device.type):
+    autocast = torch.is_autocast_enabled(device.type) if autocast_dtype == "auto" else autocast_dtype is not None
+    if autocast:
         # follow autocast like F.linear would: the GEMMs see the inputs rounded to the autocast dtype.
         # The rounding happens inside (per staging block for hidden), so the gradients reach the
         # inputs in their own dtypes: an fp32 master weight gets the fp32 accumulator itself.
-        compute = torch.get_autocast_dtype(device.type)
+        compute = torch.get_autocast_dtype(device.type) if autocast_dtype == "auto" else autocast_dtype
         for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             if t is not None and t.dtype not in _FLOATS:
                 raise ValueError(f"weighted_ce: {name} must be a floating-point tensor, got {t.dtype}")
@@ -148,6 +199,14 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
             raise ValueError(f"weighted_ce: groups is on {groups.device} but hidden is on {device}")
         groups = groups.detach() if groups.dtype == torch.int64 else groups.detach().long()
 
+    if denominator is not None:
+        if isinstance(denominator, torch.Tensor):
+            if denominator.numel() != 1 or denominator.is_complex() or denominator.dtype == torch.bool:
+                raise ValueError(f"weighted_ce: denominator must be one number, got a tensor of shape {tuple(denominator.shape)}")
+            denominator = denominator.detach().reshape(()).to(device=device, dtype=torch.float64)
+        else:
+            denominator = torch.tensor(_positive(denominator, "denominator"), dtype=torch.float64, device=device)
+
     # ---- impl ----
     if impl == "auto":
         impl = "triton" if (device.type == "cuda" and K.HAS_TRITON) else "torch"
@@ -163,7 +222,7 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
     D = hidden.shape[-1]
     V = weight.shape[0]
     h2 = hidden.reshape(-1, D)
-    y = labels.reshape(-1)
+    y = (shift_labels(labels, seq_ids, ignore_index) if shift else labels).reshape(-1)
     if seq_ids is None:
         if hidden.dim() == 3:
             sid = torch.arange(lead[0], device=device)[:, None].expand(lead).reshape(-1)
@@ -177,6 +236,9 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
 
     # ---- value checks: one host sync for all of them ----
     valid = y != ignore_index
+    if not validate:  # only what the shapes need: the trained-token count (and the conversation count)
+        return _prepare_unchecked(h2, weight, bias, y, valid, sid, seq_ids, rewards, n_conv, mode, eps, reward_stats,
+                                  groups, reduction, normalize, denominator, impl, lead, compute, cdt)
     checks = [valid.sum(), (valid & ((y < 0) | (y >= V))).any()]
     if seq_ids is not None:
         checks += [(valid & (sid < 0)).any(), torch.where(valid, sid, -1).max() if sid.numel() else torch.tensor(-1, device=device)]
@@ -193,6 +255,8 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
         checks += [(~torch.isfinite(stats[0])) | (~torch.isfinite(stats[1])), stats[1] < 0]
     else:
         stats = None
+    if denominator is not None:
+        checks.append((~torch.isfinite(denominator)) | (denominator <= 0))
     vals = torch.stack([c.to(torch.int64).reshape(()) for c in checks]).tolist()
     n_valid, bad_label = vals[0], vals[1]
     if bad_label:
@@ -225,8 +289,34 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
             raise ValueError("weighted_ce: reward_stats contain NaN or inf")
         if vals[pos + 1]:
             raise ValueError("weighted_ce: reward_stats std must be >= 0")
+        pos += 2
+    if denominator is not None and vals[pos]:
+        raise ValueError(f"weighted_ce: denominator must be a finite number > 0, got {denominator.item()!r}")
+    return _finish(h2, weight, bias, y, valid, sid, rewards, n_valid, n_conv, mode, eps, stats, groups, reduction,
+                   normalize, denominator, impl, lead, compute, cdt)
 
-    # ---- trained tokens, their weights and the normalizer (no further host sync) ----
+
+def _prepare_unchecked(h2, weight, bias, y, valid, sid, seq_ids, rewards, n_conv, mode, eps, reward_stats, groups,
+                       reduction, normalize, denominator, impl, lead, compute, cdt) -> Prepared:
+    """prepare_inputs with validate=False: one host read (the counts), no value checks."""
+    device = h2.device
+    counts = [valid.sum()]
+    if seq_ids is not None and n_conv is None:
+        counts.append(torch.where(valid, sid, -1).max() if sid.numel() else torch.tensor(-1, device=device))
+    vals = torch.stack([c.to(torch.int64).reshape(()) for c in counts]).tolist()
+    if n_conv is None:
+        n_conv = vals[1] + 1 if len(vals) > 1 else 1
+    stats = None
+    if reward_stats is not None:
+        stats = (_as_stat(reward_stats[0], "mean", device), _as_stat(reward_stats[1], "std", device))
+    return _finish(h2, weight, bias, y, valid, sid, rewards, vals[0], n_conv, mode, eps, stats, groups, reduction,
+                   normalize, denominator, impl, lead, compute, cdt)
+
+
+def _finish(h2, weight, bias, y, valid, sid, rewards, n_valid, n_conv, mode, eps, stats, groups, reduction,
+            normalize, denominator, impl, lead, compute, cdt) -> Prepared:
+    """The trained tokens, their weights and the normalizer (no further host sync)."""
+    device = h2.device
     idx_v = torch.nonzero_static(valid, size=n_valid).reshape(-1) if n_valid else valid.new_zeros(0, dtype=torch.long)
     labels_v = y.index_select(0, idx_v).long()
     sid_v = sid.index_select(0, idx_v).long()
@@ -236,7 +326,9 @@ def prepare_inputs(hidden, weight, labels, seq_ids, rewards, *, bias, standardiz
         weights_fn = K.token_weights_triton if impl == "triton" else token_weights_torch
         w_v = weights_fn(rewards, sid_v, standardize=mode, eps=eps, reward_stats=stats, groups=groups)
     w_v = w_v.to(torch.float64 if cdt == torch.float64 else torch.float32)  # rounded once
-    if reduction == "mean" and normalize == "sequence":
+    if denominator is not None:
+        denom = denominator.to(torch.float64 if cdt == torch.float64 else torch.float32)
+    elif reduction == "mean" and normalize == "sequence":
         present = torch.zeros(max(n_conv, 1), dtype=torch.bool, device=device).index_fill_(0, sid_v, True)
         denom = present.sum().clamp_min(1).to(torch.float32)
     elif reduction == "mean" and normalize == "token":

@@ -46,8 +46,8 @@ from dataclasses import replace
 import torch
 
 from refit_fast.ops.chunking import OPTIONS, ChunkPlan, plan_chunks  # noqa: F401  (re-exported)
-from refit_fast.ops.function import WeightedCEFunction
-from refit_fast.ops.validation import prepare_inputs
+from refit_fast.ops.function import WeightedCEFunction, dtype_name, weighted_ce_op
+from refit_fast.ops.validation import _standardize_mode, head_of, prepare_inputs
 
 __all__ = ["weighted_ce", "WeightedCELoss", "WeightedCEFunction", "chunk_budget", "plan_chunks", "ChunkPlan"]
 
@@ -101,7 +101,14 @@ def weighted_ce(
     reward_stats=None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    normalize: str = "sequence",
+    normalize: str | None = None,
+    denominator=None,
+    shift: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    validate: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Reward-weighted cross-entropy of the linear head `hidden @ weight.T (+ bias)`, without ever
@@ -146,11 +153,40 @@ def weighted_ce(
         reward_stats: (mean, std) numbers to standardize with instead of the batch's own (only
             with ``standardize=True``/"batch").
         reduction: "none" -> w_t * l_t per token, shape hidden.shape[:-1] (0 on ignored tokens;
-            the backward is exact for any upstream gradient); "sum"; "mean" -> sum divided by the
-            number of conversations with at least one trained token (normalize="sequence", the
-            paper's objective), by the number of trained tokens ("token"), or by 1 ("none").
+            the backward is exact for any upstream gradient); "sum"; "mean" -> the sum divided by
+            the normalizer (`normalize`, or `denominator`).
+        normalize: the normalizer of "mean": "sequence", the number of conversations with at least
+            one trained token (the paper's objective, the default when `seq_ids` is given);
+            "token", the number of trained tokens (the token mean of ``F.cross_entropy``, Liger and
+            CCE: the default without `seq_ids`); "none", 1.
+        denominator: a positive number or 0-dim tensor (on any device; no gradient) to divide the
+            sum by instead, with reduction="mean" only: e.g. the trained tokens of all
+            gradient-accumulation micro-batches, HF's ``num_items_in_batch``.
+        shift: labels are not yet shifted (``labels == input_ids`` with untrained positions at
+            ignore_index, as HF models take them): position t is trained on ``labels[..., t + 1]``,
+            the last position of each row, and with `seq_ids` of each packed conversation, on
+            nothing. Only the labels are copied, never the hidden states.
+        softcap: > 0: the logits are ``softcap * tanh(z / softcap)`` (Gemma 2's
+            ``final_logit_softcapping``), in the kernel, with the exact gradient. None: off.
+        logit_scale: > 0, the logits are ``logit_scale * z`` before the softcap (Cohere's
+            ``logit_scale``; Granite's ``1 / logits_scaling``).
+        z_loss: >= 0, adds ``z_loss * logsumexp(z)^2`` per trained token (PaLM's z-loss), NOT
+            reward-weighted (a negative Swift weight would reward a growing normalizer), divided by
+            the same normalizer.
+        label_smoothing: in [0, 1], as ``F.cross_entropy(label_smoothing=)``: the target puts
+            ``label_smoothing / V`` on every class and the rest on the label; reward-weighted.
+        validate: False skips the value checks (labels and seq_ids in range, finite rewards, group
+            ids, a positive denominator): less work, and wrong values give wrong results instead of
+            errors. Shapes, dtypes and devices are always checked, and the number of trained tokens
+            is read back to the host once either way (it sizes the work).
         impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked PyTorch), or
             "auto" (triton on CUDA, torch elsewhere).
+
+    Under ``torch.compile`` (``fullgraph=True`` included) weighted_ce is one custom op
+    (``torch.ops.refit_fast.weighted_ce``) with its own backward, so the host read and the
+    data-dependent number of trained tokens cause no graph break. Its backward scales the
+    gradients out of place (one gradient-sized temporary each; the eager path scales in place), and
+    the :func:`chunk_budget` in force when the function is traced is the one it keeps.
 
     Returns:
         fp32 tensor (fp64 for fp64 inputs): a scalar, or per-token losses for reduction="none". Gradients flow to hidden,
@@ -181,13 +217,52 @@ def weighted_ce(
         >>> groups = torch.tensor([0, 0, 1, 1])
         >>> loss = weighted_ce(hidden, weight, labels, seq_ids, rewards, standardize="group", groups=groups)
     """
+    head = head_of(logit_scale=logit_scale, softcap=softcap, z_loss=z_loss, label_smoothing=label_smoothing)
+    if torch.compiler.is_compiling():
+        return _weighted_ce_compiled(hidden, weight, labels, seq_ids, rewards, bias, standardize, groups, eps,
+                                     reward_stats, ignore_index, reduction, normalize, denominator, shift, validate,
+                                     impl, head)
     p = prepare_inputs(hidden, weight, labels, seq_ids, rewards, bias=bias, standardize=standardize, groups=groups,
                        eps=eps, reward_stats=reward_stats, ignore_index=ignore_index, reduction=reduction,
-                       normalize=normalize, impl=impl)
-    opts = OPTIONS.get() if p.compute_dtype is None else replace(OPTIONS.get(), compute_dtype=p.compute_dtype)
+                       normalize=normalize, impl=impl, denominator=denominator, shift=shift, validate=validate)
+    opts = replace(OPTIONS.get(), head=head)
+    if p.compute_dtype is not None:
+        opts = replace(opts, compute_dtype=p.compute_dtype)
     out = WeightedCEFunction.apply(p.hidden, p.weight, p.bias, p.labels_v, p.idx_v, p.w_v, p.denom, reduction, p.impl,
                                    opts, torch.is_grad_enabled())
     return out.reshape(p.lead) if reduction == "none" else out
+
+
+@torch.compiler.assume_constant_result
+def _traced_options() -> tuple[int, int]:
+    # the chunk_budget in force when torch.compile traces weighted_ce (a context variable is not traceable)
+    o = OPTIONS.get()
+    return o.chunk_bytes, -1 if o.fp32_weight_grad is None else int(o.fp32_weight_grad)
+
+
+def _weighted_ce_compiled(hidden, weight, labels, seq_ids, rewards, bias, standardize, groups, eps, reward_stats,
+                          ignore_index, reduction, normalize, denominator, shift, validate, impl, head):
+    """weighted_ce under torch.compile: the arguments spelled for the custom op, which checks them."""
+    device = hidden.device
+    if rewards is not None and not isinstance(rewards, torch.Tensor):
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+    if seq_ids is not None and not isinstance(seq_ids, torch.Tensor):
+        seq_ids = torch.as_tensor(seq_ids, device=device)
+    stats = None
+    if reward_stats is not None:
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in reward_stats])
+    if denominator is not None and not isinstance(denominator, torch.Tensor):
+        denominator = torch.tensor(float(denominator), dtype=torch.float64, device=device)
+    compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    chunk_bytes, fp32_wg = _traced_options()
+    grad = torch.is_grad_enabled()
+    mode = _standardize_mode(standardize)
+    out = weighted_ce_op(hidden, weight, bias, labels, seq_ids, rewards, groups, stats, denominator, mode, float(eps),
+                         int(ignore_index), reduction, normalize or "", shift, validate, impl, chunk_bytes, fp32_wg,
+                         dtype_name(compute), head.scale, head.softcap, head.z_loss, head.smoothing,
+                         grad and hidden.requires_grad, grad and weight.requires_grad,
+                         grad and bias is not None and bias.requires_grad)
+    return out[0]
 
 
 class WeightedCELoss(torch.nn.Module):
@@ -205,18 +280,20 @@ class WeightedCELoss(torch.nn.Module):
     """
 
     def __init__(self, *, standardize=False, eps=1e-6, ignore_index=-100, reduction="mean",
-                 normalize="sequence", impl="auto", chunk_bytes=None, fp32_weight_grad=None):
+                 normalize=None, shift=False, softcap=None, logit_scale=1.0, z_loss=0.0, label_smoothing=0.0,
+                 validate=True, impl="auto", chunk_bytes=None, fp32_weight_grad=None):
         super().__init__()
-        self.kwargs = dict(standardize=standardize, eps=eps, ignore_index=ignore_index,
-                           reduction=reduction, normalize=normalize, impl=impl)
+        self.kwargs = dict(standardize=standardize, eps=eps, ignore_index=ignore_index, reduction=reduction,
+                           normalize=normalize, shift=shift, softcap=softcap, logit_scale=logit_scale,
+                           z_loss=z_loss, label_smoothing=label_smoothing, validate=validate, impl=impl)
         self.chunk_bytes, self.fp32_weight_grad = chunk_bytes, fp32_weight_grad
 
     def forward(self, hidden, weight, labels, seq_ids=None, rewards=None, *, bias=None, groups=None,
-                reward_stats=None):
+                reward_stats=None, denominator=None):
         """See :func:`weighted_ce`; `groups` [B] is needed with ``standardize="group"``."""
         with chunk_budget(self.chunk_bytes, fp32_weight_grad=self.fp32_weight_grad):
             return weighted_ce(hidden, weight, labels, seq_ids, rewards, bias=bias, groups=groups,
-                               reward_stats=reward_stats, **self.kwargs)
+                               reward_stats=reward_stats, denominator=denominator, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

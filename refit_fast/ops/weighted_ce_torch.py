@@ -10,6 +10,7 @@ dataset's rewards once (the trainer).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -175,20 +176,49 @@ def token_weights_torch(rewards, seq_ids_valid, *, standardize, eps, reward_stat
     return r[seq_ids_valid]
 
 
-def ce_rows_torch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0):
+class Head(NamedTuple):
+    """What the head does to the logits and what the loss adds, beyond plain cross-entropy (all
+    off by default). For each trained row, with z = hidden @ weight.T (+ bias):
+
+        z' = scale * z;   zc = softcap * tanh(z' / softcap)  (softcap > 0; else zc = z')
+        loss = w * ((1 - ls) * (lse - zc[y]) + ls * (lse - mean_j zc_j)) + z_loss * lse^2
+
+    with lse = logsumexp(zc), w the token's reward weight and ls the label smoothing (the smoothed
+    target puts ls / V on every class, as ``F.cross_entropy(label_smoothing=ls)``). The z-loss term
+    (PaLM's ``z_loss * log(Z)^2``) is not reward-weighted: a negative Swift weight would otherwise
+    reward a growing normalizer."""
+
+    scale: float = 1.0
+    softcap: float = 0.0
+    z_loss: float = 0.0
+    smoothing: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        return self.scale == 1.0 and not self.softcap and not self.z_loss and not self.smoothing
+
+
+PLAIN = Head()
+_HEAD_BLOCK = 32  # rows per temporary in the softcap path: an O(32 V) scratch, not O(sub-chunk)
+
+
+def ce_rows_torch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head: Head = PLAIN):
     """Loss and logits-gradient of one sub-chunk of c rows (the statement of `_ce_rows_kernel`).
 
     Rows z0..z0+c of the logits `zbuf` [*, V] (fp32/fp64, overwritten) are tokens t0..t0+c of
-    labels_v [Nv] (in [0, V)), w_v [Nv] (reward weights) and loss_v [Nv] (written: w * nll); coef is
-    a 0-dim tensor or [Nv] (the upstream/normalization factor, per row). Unless grad is None, rows
-    g0..g0+c of `grad` [*, V] (the staging block; may be zbuf itself) get
-    w * coef * (softmax - onehot(label)) in grad's dtype. No [c, V] temporary.
+    labels_v [Nv] (in [0, V)), w_v [Nv] (reward weights) and loss_v [Nv] (written: w * nll, or the
+    :class:`Head`'s loss); coef is a 0-dim tensor or [Nv] (the upstream/normalization factor, per
+    row). Unless grad is None, rows g0..g0+c of `grad` [*, V] (the staging block; may be zbuf
+    itself) get coef * dloss/dz in grad's dtype: w * coef * (softmax - onehot(label)) for the plain
+    head. No [c, V] temporary (a softcap head uses [32, V] scratch).
 
         >>> z, loss = torch.tensor([[0.0, 0.0]]), torch.empty(1)
         >>> ce_rows_torch(z, 0, z, 0, 1, torch.tensor([1]), torch.ones(1), torch.tensor(1.0), loss, 0)
         >>> loss, z
         (tensor([0.6931]), tensor([[ 0.5000, -0.5000]]))
     """
+    if not head.plain:
+        return _ce_rows_head(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head)
     z = zbuf[z0:z0 + c]
     y = labels_v[t0:t0 + c, None]
     w = w_v[t0:t0 + c]
@@ -206,3 +236,59 @@ def ce_rows_torch(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0):
     else:
         torch.mul(z, (scale / s)[:, None], out=g)
     g.scatter_add_(1, y, -scale.to(g.dtype)[:, None])
+
+
+def _ce_rows_head(zbuf, z0, grad, g0, c, labels_v, w_v, coef, loss_v, t0, head: Head):
+    """ce_rows_torch for a non-plain :class:`Head` (scale, softcap, z-loss, label smoothing)."""
+    z = zbuf[z0:z0 + c]
+    V = z.shape[1]
+    y = labels_v[t0:t0 + c, None]
+    w = w_v[t0:t0 + c]
+    if head.scale != 1.0:
+        z.mul_(head.scale)
+    cap = head.softcap
+    if cap:
+        z.div_(cap).tanh_().mul_(cap)  # the capped logits, kept: the gradient needs them
+    target = z.gather(1, y).squeeze(1)
+    m = z.amax(1)
+    zsum = z.sum(1) if head.smoothing else None
+    if cap:
+        s = torch.empty_like(m)
+        for r0 in range(0, c, _HEAD_BLOCK):
+            s[r0:r0 + _HEAD_BLOCK] = (z[r0:r0 + _HEAD_BLOCK] - m[r0:r0 + _HEAD_BLOCK, None]).exp_().sum(1)
+    else:
+        z.sub_(m[:, None]).exp_()  # exp(z - m) in place
+        s = z.sum(1)
+    lse = m + s.log()
+    ls = head.smoothing
+    nll = lse - target if not ls else lse - (1.0 - ls) * target - (ls / V) * zsum
+    loss = w * nll
+    if head.z_loss:
+        loss = loss + head.z_loss * lse.square()
+    loss_v[t0:t0 + c] = loss
+    if grad is None:
+        return
+    cr = (coef[t0:t0 + c] if coef.dim() == 1 else coef) * head.scale  # d z' / d z = scale, folded in
+    a = cr * (w + 2.0 * head.z_loss * lse) if head.z_loss else cr * w   # on softmax
+    b = cr * w * (1.0 - ls)                                              # on the label
+    d = cr * w * (ls / V) if ls else None                                # on every class
+    g = grad[g0:g0 + c]
+    if not cap:
+        if g.data_ptr() == z.data_ptr() and g.dtype == z.dtype:
+            g.mul_((a / s).to(g.dtype)[:, None])
+        else:
+            torch.mul(z, (a / s)[:, None], out=g)
+        if d is not None:
+            g.sub_(d.to(g.dtype)[:, None])
+        g.scatter_add_(1, y, -b.to(g.dtype)[:, None])
+        return
+    # softcap: d zc / d z' = 1 - (zc / cap)^2, from the kept capped logits, in blocks of rows
+    for r0 in range(0, c, _HEAD_BLOCK):
+        r1 = min(c, r0 + _HEAD_BLOCK)
+        zb = z[r0:r1]
+        gb = (zb - m[r0:r1, None]).exp_().mul_((a[r0:r1] / s[r0:r1])[:, None])
+        if d is not None:
+            gb.sub_(d[r0:r1, None])
+        gb.scatter_add_(1, y[r0:r1], -b[r0:r1, None])
+        gb.mul_(1.0 - (zb / cap).square_())
+        g[r0:r1] = gb
