@@ -30,3 +30,30 @@ def test_docstring_examples_run(name):
         runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed (output above)"
+
+
+def test_readme_demo_tables_are_the_committed_results():
+    """The README's demo tables (seed 0 in full, every seed's mean reward) are the numbers in
+    docs/demo_results/, so a rerun that is not committed cannot leave the README behind."""
+    import json
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    results = os.path.join(root, "docs", "demo_results")
+    policies = ("base", "star_gate", "dpo", "refit", "swift", "filtered_sft")
+    seeds = {int(m.group(1)): [float(x) for x in m.group(2).split(" | ")]
+             for m in re.finditer(r"^\| (\d) \| ([\d. |]+?) \|$", readme, re.M)}
+    assert sorted(seeds) == [0, 1, 2, 3, 4]
+    for seed, row in seeds.items():
+        scores = json.load(open(os.path.join(results, f"seed{seed}.json")))
+        info = json.load(open(os.path.join(results, f"seed{seed}_run_info.json")))
+        assert row[:6] == [round(scores[p]["mean_reward"], 3) for p in policies], seed
+        assert row[6] == round(info["logged"]["all"]["mean_reward"], 3), seed
+    seed0 = json.load(open(os.path.join(results, "seed0.json")))
+    for p in policies:
+        r = seed0[p]
+        line = (f"| {p} | {r['mean_reward']:.3f} | {r['stderr']:.3f} | {r['accuracy']:.3f} | "
+                f"{r['accuracy_stderr']:.3f} | {r['questions_per_episode']:.2f} |")
+        assert line in readme, line
