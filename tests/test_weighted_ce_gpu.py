@@ -57,6 +57,33 @@ def test_triton_matches_float64_reference(dtype, tol, reduction, standardize):
         assert _rel(a, t) < tol, f"{name} (seed {seed})"
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_head_options_compiled_match_float64_reference(dtype, tol, reduction):
+    """softcap / logit_scale / z_loss / label_smoothing compiled for real (the interpreter runs them
+    in test_weighted_ce_api.py), with shift and torch.compile's custom op on the GPU too."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    h, W, b, y, sid, r, up = _case(seed, dtype=dtype)
+    h = h * 4  # logits of a few units: the softcap bends them
+    kw = dict(softcap=5.0, logit_scale=1.3, z_loss=1e-3, label_smoothing=0.1, shift=True, standardize=True,
+              reduction=reduction)
+    leaves64 = [t.clone().requires_grad_() for t in (h, W, b)]
+    truth = weighted_ce_reference(*leaves64[:2], y, sid, r, bias=leaves64[2], **kw)
+    g_truth = torch.autograd.grad(truth, leaves64, up if reduction == "none" else torch.tensor(1.0, dtype=torch.float64))
+    for compiled in (False, True):
+        leaves = [t.to("cuda", dtype).requires_grad_() for t in (h, W, b)]
+        fn = lambda *a: weighted_ce(*a[:2], y.cuda(), sid.cuda(), r.cuda().float(), bias=a[2], impl="triton", **kw)  # noqa: E731
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(fn, fullgraph=True)
+        with chunk_budget(64 << 20):
+            ours = fn(*leaves)
+        g_ours = torch.autograd.grad(ours, leaves, (up if reduction == "none" else torch.tensor(1.0)).cuda().float())
+        assert _rel(ours, truth) < tol, f"loss (compiled={compiled}, seed {seed})"
+        for name, a, t in zip(("d_hidden", "d_weight", "d_bias"), g_ours, g_truth):
+            assert _rel(a, t) < tol, f"{name} (compiled={compiled}, seed {seed})"
+
+
 def test_triton_equals_torch_path_on_gpu():
     seed = int.from_bytes(os.urandom(4), "little")
     h, W, b, y, sid, r, _ = _case(seed, dtype=torch.float32)
