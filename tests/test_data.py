@@ -509,6 +509,24 @@ def test_per_turn_mask_for_a_template_dropping_earlier_reasoning():
     assert masked_pieces(bpe, t) == ["<think>w7</think> w2 w3<|im_end|>\n"]
 
 
+def test_assistant_spans_fall_back_to_per_turn_spans():
+    """Where the prefix property fails, assistant_spans gives the spans tokenize_conversations trains
+    (turn by turn, checked) and says so with a warning, instead of refusing."""
+    cases = ((_bpe_gluing_newline_space(), [chat(("user", "hello"), ("assistant", "  hello there"), ("user", "w1"),
+                                                 ("assistant", "w2 w3"))]),
+             (_bpe_tokenizer(DROPS_THINKING), [chat(("user", "hello"), ("assistant", "<think>w5</think>\n\nhello there"),
+                                                    ("user", "w1"), ("assistant", "w2 w3"))]))
+    for tokenizer, rows in cases:
+        [t], report = tokenize_conversations(load_conversations(rows)[0], tokenizer, progress=False)
+        assert report.warnings.get("per_turn_mask") == 1
+        with pytest.warns(UserWarning, match="located turn by turn"):
+            ids, spans = assistant_spans(rows[0]["messages"], tokenizer)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for a, b in spans:
+            mask[a:b] = 1
+        assert len(spans) == 2 and ids == t.input_ids.tolist() and mask.tolist() == t.loss_mask.tolist()
+
+
 def test_trimming_template_masks_the_trimmed_content():
     trim = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -15,6 +15,8 @@ located and verified is reported as `template_mismatch`, never trained on a gues
 """
 from __future__ import annotations
 
+import types
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -178,7 +180,11 @@ def load_tokenized(source, tokenizer, **opts) -> tuple[list[TokenizedConversatio
 def assistant_spans(messages: list[dict], tokenizer, *, chat_template: str | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of one conversation and the `[start, end)` token span of every assistant turn.
 
-    Raises `ValueError` if the template breaks the prefix property. Meant for inspecting a template.
+    Meant for inspecting a template. Where the template breaks the prefix property (it rewrites
+    earlier turns, or content starting with spaces glues to the header's newline), the turns are
+    located one by one and checked as :func:`tokenize_conversations` does it (a `per_turn_mask`
+    there; a `UserWarning` here), and each span is the tokens trained for that turn. Raises
+    `ValueError` when neither way can check a turn.
 
     Example:
         >>> tok = build_word_tokenizer(["hi hello"])
@@ -199,10 +205,30 @@ def assistant_spans(messages: list[dict], tokenizer, *, chat_template: str | Non
     for j, k in enumerate(turns):
         for what, pre in (("generation-prompt prefix", ids[1 + j]), ("prefix ending with this turn", ids[1 + n + j])):
             if _token_boundary(full, pre) is None:
-                raise ValueError(f"assistant message {k}: the tokens of the {what} are not a prefix of the "
-                                 f"conversation's tokens; {_diff(tokenizer, full, pre)}")
+                why = (f"assistant message {k}: the tokens of the {what} are not a prefix of the conversation's "
+                       f"tokens; {_diff(tokenizer, full, pre)}")
+                return full, _spans_turn_by_turn(messages, turns, tokenizer, chat_template, texts[0], full, why)
         spans.append((len(ids[1 + j]), len(ids[1 + n + j])))
     return full, spans
+
+
+def _spans_turn_by_turn(messages, turns, tokenizer, chat_template, text, full, why):
+    """assistant_spans where the prefix property fails: the spans of `_per_turn_mask`'s mask."""
+    enc = _ChatEncoder(tokenizer, chat_template or tokenizer.chat_template)
+    enc.compiled = None  # the public render, as the caller's
+    [(ids, offsets)] = enc.encode_with_offsets([text])
+    mask, notes = (None, "it needs a fast tokenizer's token offsets") if list(ids) != list(full) else \
+        _per_turn_mask(types.SimpleNamespace(messages=messages), turns, enc, text, list(ids), offsets)
+    if mask is None:
+        raise ValueError(f"{why}; per-turn masking failed: {notes}")
+    on = np.flatnonzero(mask)
+    cuts = np.flatnonzero(np.diff(on) > 1) + 1
+    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(on, cuts)] if len(on) else []
+    if len(runs) != len(turns):
+        raise ValueError(f"{why}; per-turn masking found {len(runs)} trained runs for {len(turns)} assistant turns")
+    warnings.warn(f"assistant_spans: {why}; located turn by turn: "
+                  + ", ".join(f"message {k} {how}" for k, how, _ in notes), UserWarning, stacklevel=3)
+    return runs
 
 
 # --- internals -------------------------------------------------------------------------------
