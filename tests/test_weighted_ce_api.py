@@ -312,3 +312,18 @@ def test_compiles_with_inductor():
     assert torch.allclose(out, eager, rtol=1e-6)
     for a, b in zip(g_out, g_eager):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_module_compiles_fullgraph_with_its_own_budget():
+    seed = fresh_seed()
+    step, (h, W, b, y, sid, r) = _compile_case(seed, "mean")
+    mod = WeightedCELoss(standardize=True, softcap=3.0, label_smoothing=0.1, chunk_bytes=4 * 71 * 4)
+    eager = mod(h, W, y, sid, r, bias=b)
+    g_eager = torch.autograd.grad(eager, (h, W, b))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: mod(*a[:5], bias=a[5]), fullgraph=True, backend="aot_eager")
+    out = compiled(h, W, y, sid, r, b)
+    g_out = torch.autograd.grad(out, (h, W, b))
+    assert torch.allclose(out, eager, rtol=1e-6)
+    for x, z in zip(g_out, g_eager):
+        assert torch.allclose(x, z, rtol=1e-5, atol=1e-7)

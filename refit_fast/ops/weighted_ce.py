@@ -241,8 +241,10 @@ def _traced_options() -> tuple[int, int]:
 
 
 def _weighted_ce_compiled(hidden, weight, labels, seq_ids, rewards, bias, standardize, groups, eps, reward_stats,
-                          ignore_index, reduction, normalize, denominator, shift, validate, impl, head):
-    """weighted_ce under torch.compile: the arguments spelled for the custom op, which checks them."""
+                          ignore_index, reduction, normalize, denominator, shift, validate, impl, head,
+                          chunk_bytes=None, fp32_weight_grad=None):
+    """weighted_ce under torch.compile: the arguments spelled for the custom op, which checks them.
+    chunk_bytes / fp32_weight_grad: a WeightedCELoss's own (None: the traced chunk_budget's)."""
     device = hidden.device
     if rewards is not None and not isinstance(rewards, torch.Tensor):
         rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
@@ -254,7 +256,9 @@ def _weighted_ce_compiled(hidden, weight, labels, seq_ids, rewards, bias, standa
     if denominator is not None and not isinstance(denominator, torch.Tensor):
         denominator = torch.tensor(float(denominator), dtype=torch.float64, device=device)
     compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    chunk_bytes, fp32_wg = _traced_options()
+    traced_bytes, fp32_wg = _traced_options()
+    chunk_bytes = traced_bytes if chunk_bytes is None else int(chunk_bytes)
+    fp32_wg = fp32_wg if fp32_weight_grad is None else int(bool(fp32_weight_grad))
     grad = torch.is_grad_enabled()
     mode = _standardize_mode(standardize)
     out = weighted_ce_op(hidden, weight, bias, labels, seq_ids, rewards, groups, stats, denominator, mode, float(eps),
@@ -291,6 +295,13 @@ class WeightedCELoss(torch.nn.Module):
     def forward(self, hidden, weight, labels, seq_ids=None, rewards=None, *, bias=None, groups=None,
                 reward_stats=None, denominator=None):
         """See :func:`weighted_ce`; `groups` [B] is needed with ``standardize="group"``."""
+        if torch.compiler.is_compiling():  # a context manager is not traceable: the options go to the op
+            k = dict(self.kwargs)
+            head = head_of(**{n: k.pop(n) for n in ("logit_scale", "softcap", "z_loss", "label_smoothing")})
+            return _weighted_ce_compiled(hidden, weight, labels, seq_ids, rewards, bias, k["standardize"], groups,
+                                         k["eps"], reward_stats, k["ignore_index"], k["reduction"], k["normalize"],
+                                         denominator, k["shift"], k["validate"], k["impl"], head,
+                                         self.chunk_bytes, self.fp32_weight_grad)
         with chunk_budget(self.chunk_bytes, fp32_weight_grad=self.fp32_weight_grad):
             return weighted_ce(hidden, weight, labels, seq_ids, rewards, bias=bias, groups=groups,
                                reward_stats=reward_stats, denominator=denominator, **self.kwargs)
