@@ -216,6 +216,17 @@ def weighted_ce(
         >>> rewards = torch.tensor([0.9, 0.1, 0.5, 0.5])          # prompt 1's plays tie: weight 0
         >>> groups = torch.tensor([0, 0, 1, 1])
         >>> loss = weighted_ce(hidden, weight, labels, seq_ids, rewards, standardize="group", groups=groups)
+
+    A token-mean loss like ``F.cross_entropy`` on labels that are the inputs (HF's convention),
+    with a Gemma 2 head and the normalizer of two accumulated micro-batches::
+
+        >>> import torch.nn.functional as F
+        >>> ids = torch.tensor([5, 9, 2, 7, 7, 1, 3])
+        >>> loss = weighted_ce(hidden, weight, ids, shift=True)
+        >>> ref = F.cross_entropy(hidden[:-1] @ weight.T, ids[1:])
+        >>> bool(torch.allclose(loss, ref, rtol=1e-5))
+        True
+        >>> loss = weighted_ce(hidden, weight, ids, shift=True, softcap=30.0, denominator=12)
     """
     head = head_of(logit_scale=logit_scale, softcap=softcap, z_loss=z_loss, label_smoothing=label_smoothing)
     if torch.compiler.is_compiling():
