@@ -248,12 +248,15 @@ def test_global_reward_stats_split_batch(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_chunk_budget_does_not_change_the_result(impl):
-    case = make_case(fresh_seed(), N=50, D=12, V=211)
+    seed = fresh_seed()
+    case = make_case(seed, N=50, D=12, V=211)
     results = [run_both(case, impl, chunk_bytes=cb)[::2] for cb in (1, 9 * 211 * 8, 1 << 30)]
+    # Swift's standardized terms cancel: fp32 rounding scales with sum |w_t l_t|, not the small total
+    scale = loss_scale(case)
     for ours, grads in results[1:]:
-        assert torch.allclose(ours, results[0][0], rtol=1e-6, atol=1e-7)
+        assert_close(ours, results[0][0].double(), 1e-6, "loss across budgets", seed, scale=scale)
         for a, b in zip(grads, results[0][1]):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+            assert_close(a, b.double(), 1e-5, "grad across budgets", seed)
 
 
 def test_no_gradient_to_rewards_and_no_grad_mode():
