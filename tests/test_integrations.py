@@ -128,3 +128,26 @@ def test_a_custom_head_is_caught_by_the_logit_check():
     model.lm_head.forward = lambda h: real(h) * 1.01  # a scaled head no config field declares
     with pytest.raises(UnsupportedHeadError, match="max difference"):
         patch_causal_lm(model)
+
+
+@pytest.mark.parametrize("model_type", list(HEADS))
+def test_the_trainer_keeps_the_declared_head(model_type):
+    """refit-fast train's packed model (PackedCausalLM) computes the declared head too, so a Gemma 2
+    model trained by our trainer keeps its final-logit softcap: its loss is the model's own."""
+    from refit_fast.model import prepare_model
+    from refit_fast.train.objectives import PackedCausalLM
+
+    over = dict(HEADS[model_type], **({"attn_logit_softcapping": None} if model_type == "gemma2" else {}))
+    model = tiny_model(model_type, **over)
+    ids, _, labels = batch(T=13)
+    ids, labels = ids[:1], labels[:1]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    targets = torch.cat([labels[0, 1:], torch.tensor([-100])])
+    truth = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    lm = PackedCausalLM(prepare_model(model, attn_backend="sdpa"))
+    T = ids.shape[1]
+    with torch.no_grad():
+        ours = lm(ids[0], torch.arange(T), torch.tensor([0, T], dtype=torch.int32), T, targets,
+                  torch.zeros(T, dtype=torch.long))
+    torch.testing.assert_close(ours, truth, rtol=1e-9, atol=1e-10)

@@ -27,7 +27,7 @@ import types
 
 import torch
 
-from refit_fast.model import output_embedding
+from refit_fast.model import head_options, output_embedding
 from refit_fast.ops import weighted_ce
 
 __all__ = ["UnsupportedHeadError", "head_options", "is_patched", "patch_causal_lm", "unpatch_causal_lm"]
@@ -141,29 +141,6 @@ def _loss_forward(model, input_ids, attention_mask, labels, rewards, standardize
     # the decoder's other outputs pass through under whatever names this transformers version uses
     extra = {k: v for k, v in out.items() if k != "last_hidden_state"} if hasattr(out, "items") else {}
     return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
-
-
-def head_options(model) -> dict:
-    """weighted_ce's head options for the logit transforms ``model.config`` declares:
-    ``final_logit_softcapping`` (Gemma 2) -> ``softcap``; ``logit_scale`` (Cohere) and
-    ``logits_scaling`` (Granite, which divides by it) -> ``logit_scale``. Empty for a plain head.
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> head_options(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))
-        {'softcap': 30.0}
-        >>> head_options(SimpleNamespace(config=SimpleNamespace(logits_scaling=4.0)))
-        {'logit_scale': 0.25}
-    """
-    cfg = getattr(model, "config", None)
-    out = {}
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap is not None:
-        out["softcap"] = float(cap)
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
-    if scale != 1.0:
-        out["logit_scale"] = scale
-    return out
 
 
 def _head_logits(logits: torch.Tensor, options: dict) -> torch.Tensor:

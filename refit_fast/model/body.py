@@ -32,6 +32,7 @@ __all__ = [
     "attention_backend",
     "base_model",
     "enable_checkpointing",
+    "head_options",
     "output_embedding",
     "packed_hidden_states",
     "prepare_model",
@@ -236,6 +237,30 @@ def packed_hidden_states(
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden.reshape(batch * seqlen, hidden.shape[-1])
+
+
+def head_options(model) -> dict:
+    """weighted_ce's head options for the logit transforms ``model.config`` declares (the trainer and
+    ``patch_causal_lm`` both pass them, so a Gemma 2 model keeps its softcap):
+    ``final_logit_softcapping`` (Gemma 2) -> ``softcap``; ``logit_scale`` (Cohere) and
+    ``logits_scaling`` (Granite, which divides by it) -> ``logit_scale``. Empty for a plain head.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> head_options(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))
+        {'softcap': 30.0}
+        >>> head_options(SimpleNamespace(config=SimpleNamespace(logits_scaling=4.0)))
+        {'logit_scale': 0.25}
+    """
+    cfg = getattr(model, "config", None)
+    out = {}
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is not None:
+        out["softcap"] = float(cap)
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+    if scale != 1.0:
+        out["logit_scale"] = scale
+    return out
 
 
 def output_embedding(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

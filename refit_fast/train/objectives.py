@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from refit_fast.model import output_embedding, packed_hidden_states
+from refit_fast.model import head_options, output_embedding, packed_hidden_states
 from refit_fast.ops import standardize_rewards, weighted_ce
 from refit_fast.train.data import MicroBatch, StepStats
 
@@ -60,13 +60,14 @@ class PackedCausalLM(torch.nn.Module):
         states (2*N*D*V FLOPs; the body is not run again)."""
         hidden = packed_hidden_states(self.model, input_ids, position_ids, cu_seqlens, max_seqlen, validate=False)
         weight, bias = output_embedding(self.model)
+        head = head_options(self.model)  # e.g. Gemma 2's final-logit softcap, in the kernel
         loss = weighted_ce(hidden, weight, labels, seq_ids, rewards, bias=bias, standardize=standardize,
-                           eps=eps, reward_stats=reward_stats, reduction=reduction)
+                           eps=eps, reward_stats=reward_stats, reduction=reduction, **head)
         if not token_nll:
             return loss
         with torch.no_grad():
             nll = weighted_ce(hidden.detach(), weight.detach(), labels, seq_ids, None,
-                              bias=bias.detach() if bias is not None else None, reduction="none")
+                              bias=bias.detach() if bias is not None else None, reduction="none", **head)
         return loss, nll
 
 
