@@ -8,7 +8,7 @@ import torch
 
 from refit_fast.data import build_word_tokenizer
 from refit_fast.envs import corpus, evaluate, rollout
-from refit_fast.demo import METHODS, POLICIES, PRESETS, RESULT_KEYS, Preset, main, run_demo
+from refit_fast.demo import METHODS, MIN_EVAL_EPISODES, POLICIES, PRESETS, RESULT_KEYS, Preset, main, run_demo
 from refit_fast.envs.model_policy import ModelPolicy
 
 COLUMNS = ("mean_reward", "stderr", "accuracy", "accuracy_stderr", "questions_per_episode", "well_formed")
@@ -95,7 +95,7 @@ def test_demo_presets_give_every_method_the_same_budget():
     for name, p in PRESETS.items():
         assert set(dict(p.lrs)) == set(METHODS), name
         assert all(p.lr(m) > 0 for m in POLICIES), name
-        assert p.eval_episodes >= 500, name
+        assert p.eval_episodes >= MIN_EVAL_EPISODES[p.base], name  # 500 (scratch), 200 (smollm2)
         assert len(p.temperatures) == 3, name  # m = 3 plays per task, as in the paper
     # quick: less data and a smaller evaluation, the same tuned hyper-parameters
     assert PRESETS["quick"].tasks < PRESETS["default"].tasks

