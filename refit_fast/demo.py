@@ -551,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         description="The paper's protocol on the built-in clarifying-QA tasks: SFT a base policy on scripted "
                     "conversations, log 3 plays of each task by the base at three temperatures with graded "
                     "rewards, train STaR-GATE, DPO, Refit, Swift and filtered SFT from the base, and score every "
-                    "policy by greedy rollouts on held-out tasks (measured on a 2-core CPU: about 2.5 minutes, --quick about 1.5).")
-    parser.add_argument("--quick", action="store_true", help="smaller data and budgets, no filtered SFT (about 1.5 minutes on 2 CPU cores)")
+                    "policy by greedy rollouts on held-out tasks (measured on a 2-core CPU: about 1.5 minutes, --quick about 1).")
+    parser.add_argument("--quick", action="store_true", help="smaller data and budgets, no filtered SFT (about 1 minute on 2 CPU cores)")
     parser.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and training (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; scales the run up)")
