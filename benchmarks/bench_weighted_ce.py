@@ -44,13 +44,25 @@ RESULTS = Path(os.environ.get("REFIT_RESULTS_DIR") or Path(__file__).resolve().p
 
 
 # ---- the contenders: f(hidden [N, D], weight [V, D], labels [N]) -> mean NLL over trained tokens ----
+# REFIT_BENCH_SOFTCAP=c (or --softcap c): every contender computes the softcapped loss (Gemma 2's
+# final_logit_softcapping, logits c * tanh(z / c)); a peer without a softcap option is skipped.
+def softcap() -> float | None:
+    value = float(os.environ.get("REFIT_BENCH_SOFTCAP") or 0)
+    return value if value > 0 else None
+
+
+def _capped(z):
+    cap = softcap()
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
 def _naive(h, W, y):
-    return weighted_ce_reference(h, W, y, normalize="token")
+    return weighted_ce_reference(h, W, y, normalize="token", softcap=softcap())
 
 
 def _materialized(h, W, y):
-    """Plain PyTorch: the [N, V] logits in the inputs' dtype, then cross-entropy."""
-    return torch.nn.functional.cross_entropy(h @ W.T, y)
+    """Plain PyTorch: the [N, V] logits in the inputs' dtype (softcapped if asked), then cross-entropy."""
+    return torch.nn.functional.cross_entropy(_capped(h @ W.T), y)
 
 
 # Why a peer is missing, per device, filled by contenders(): name -> reason (shown in the tables).
@@ -73,6 +85,8 @@ def _torch_lce(chunked: bool):
 
     if not hasattr(F, "linear_cross_entropy"):
         raise ImportError(f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)")
+    if softcap() is not None:
+        raise ValueError("F.linear_cross_entropy has no softcap option")
     if not chunked:
         return lambda h, W, y: F.linear_cross_entropy(h, W, y)
     opts = torch.nn.LinearCrossEntropyOptions()  # the chunked path, its automatic choices
@@ -82,20 +96,22 @@ def _torch_lce(chunked: bool):
 def _liger():
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    liger = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+    liger = LigerFusedLinearCrossEntropyLoss(reduction="mean", softcap=softcap())
     return lambda h, W, y: liger(W, h, y)
 
 
 def _cce(impl: str = "cce", exact: bool = False):
     from cut_cross_entropy import linear_cross_entropy
 
-    kw = dict(impl=impl)
+    kw = dict(impl=impl, softcap=softcap())
     if exact:
         kw["filter_eps"] = None  # no gradient filtering: the exact gradient
     return lambda h, W, y: linear_cross_entropy(h, W, y, reduction="mean", **kw)
 
 
 def _quack():
+    if softcap() is not None:
+        raise ValueError("QuACK's chunked_linear_cross_entropy has no softcap option")
     from quack.linear_cross_entropy import chunked_linear_cross_entropy
 
     return lambda h, W, y: chunked_linear_cross_entropy(h, W, y, reduction="mean")
@@ -111,9 +127,10 @@ def contenders(device: str) -> dict:
     """name -> callable, for every implementation that builds here (all compute the same token-mean
     NLL); the others are listed with their reason in SKIPPED[device]."""
     SKIPPED[device] = {}
+    cap = softcap()
     out = {
-        "refit_fast": lambda h, W, y: weighted_ce(h, W, y, normalize="token"),
-        "refit_fast_torch": lambda h, W, y: weighted_ce(h, W, y, normalize="token", impl="torch"),
+        "refit_fast": lambda h, W, y: weighted_ce(h, W, y, normalize="token", softcap=cap),
+        "refit_fast_torch": lambda h, W, y: weighted_ce(h, W, y, normalize="token", impl="torch", softcap=cap),
         "naive_torch": _naive,
     }
     if device != "cuda":
@@ -311,11 +328,14 @@ def main(argv=None) -> int:
     p.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of untrained (-100) labels")
     p.add_argument("--chunk-mb", type=int, default=None, help="refit_fast chunk budget (MiB)")
     p.add_argument("--only", nargs="*", help="methods to run")
+    p.add_argument("--softcap", type=float, default=None, help="every contender with a logit softcap (Gemma 2: 30)")
     p.add_argument("--out", default=None, help="results file stem (default: weighted_ce-<device>-<date>)")
     p.add_argument("--cpu-memory", metavar="METHOD", help="CPU: print the peak extra memory of one fwd+bwd "
                    "of METHOD at --n (first value) --d --v as JSON (run in a fresh process)")
     p.add_argument("--cpu-report", metavar="JSONL", help="CPU: render the rows written to REFIT_CPU_JSON as markdown")
     args = p.parse_args(argv)
+    if args.softcap:
+        os.environ["REFIT_BENCH_SOFTCAP"] = str(args.softcap)  # read by contenders(), also in subprocesses
     if args.cpu_memory:
         print(json.dumps(cpu_memory(args.cpu_memory, args.n[0], args.d, args.v)))
         return 0
@@ -341,7 +361,8 @@ def main(argv=None) -> int:
 #     python -m pytest benchmarks/bench_weighted_ce.py --benchmark-only -p no:cacheprovider -s
 #     REFIT_CPU_SHAPES=2048x512x32000 REFIT_CPU_ROUNDS=5 REFIT_CPU_JSON=/tmp/cpu.jsonl python -m pytest ...
 #     python benchmarks/bench_weighted_ce.py --cpu-report /tmp/cpu.jsonl      # the markdown table
-# REFIT_CPU_PEERS=a,b picks contenders; REFIT_CPU_MEMORY=all|none|a,b whose memory to measure.
+# REFIT_CPU_PEERS=a,b picks contenders; REFIT_CPU_MEMORY=all|none|a,b whose memory to measure;
+# REFIT_BENCH_SOFTCAP=30 the softcapped loss (contenders without a softcap are skipped).
 CPU_SHAPES = ((2048, 512, 32000), (4096, 1024, 50257), (1024, 2048, 128256))
 CPU_PEERS = ("refit_fast", "torch_lce_chunked", "materialized", "torch_lce", "cce_torch_compile",
              "liger", "cut_cross_entropy", "cce_exact", "quack")

@@ -70,7 +70,8 @@ def weighted_ce_reference(
         logits = logits + bias
     # upcast like a careful user would: the softmax in at least fp32
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logits = logits * logit_scale
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logp = torch.log_softmax(logits, dim=-1)
