@@ -495,7 +495,8 @@ def plot(out: str, results: dict, losses: dict, swift_parts: dict | None = None)
     if swift_parts:  # Swift's loss is unbounded below: show what its two signs contribute
         xs = [offset + s for s in swift_parts["steps"]]
         for key, style in (("loss_pos", "--"), ("loss_neg", ":")):
-            ax2.plot(xs, swift_parts[key], style, color="gray", linewidth=1, label=f"swift {key[5:]}. weights")
+            ax2.plot(xs, swift_parts[key], style, color="gray", linewidth=1, label=f"swift {key[5:]}. weights",
+                     marker="o" if len(xs) == 1 else None)  # one logging step (a short run): a dot
     ax2.set_xlabel("optimizer step (methods continue from the base)")
     ax2.set_ylabel("training loss (each method's own objective)")
     ax2.set_title("Training curves")
