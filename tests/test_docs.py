@@ -43,14 +43,23 @@ def test_readme_demo_tables_are_the_committed_results():
     readme = open(os.path.join(root, "README.md")).read()
     results = os.path.join(root, "docs", "demo_results")
     policies = ("base", "star_gate", "dpo", "refit", "swift", "filtered_sft")
-    seeds = {int(m.group(1)): [float(x) for x in m.group(2).split(" | ")]
-             for m in re.finditer(r"^\| (\d) \| ([\d. |]+?) \|$", readme, re.M)}
-    assert sorted(seeds) == [0, 1, 2, 3, 4]
-    for seed, row in seeds.items():
+    rows = [(int(m.group(1)), [float(x) for x in m.group(2).split(" | ")])
+            for m in re.finditer(r"^\| (\d) \| ([\d. |]+?) \|$", readme, re.M)]
+    # the scratch base's table (six policies + the logged data), then --base smollm2's (five + logged)
+    scratch = {s: r for s, r in rows if len(r) == 7}
+    smol = {s: r for s, r in rows if len(r) == 6}
+    assert sorted(scratch) == [0, 1, 2, 3, 4] and sorted(smol) == [0, 1] and len(rows) == 7
+    for seed, row in scratch.items():
         scores = json.load(open(os.path.join(results, f"seed{seed}.json")))
         info = json.load(open(os.path.join(results, f"seed{seed}_run_info.json")))
         assert row[:6] == [round(scores[p]["mean_reward"], 3) for p in policies], seed
         assert row[6] == round(info["logged"]["all"]["mean_reward"], 3), seed
+    for seed, row in smol.items():
+        d = os.path.join(results, "smollm2", "seed1" if seed else "")
+        scores = json.load(open(os.path.join(d, "results.json")))
+        info = json.load(open(os.path.join(d, "run_info.json")))
+        assert row[:5] == [round(scores[p]["mean_reward"], 3) for p in policies[:5]], ("smollm2", seed)
+        assert row[5] == round(info["logged"]["all"]["mean_reward"], 3), ("smollm2", seed)
     seed0 = json.load(open(os.path.join(results, "seed0.json")))
     for p in policies:
         r = seed0[p]
